@@ -1,0 +1,194 @@
+"""Small reference networks: the digits CNN of the demo, a deep MLP for normalization experiments, and a
+ResNet-18-sized CNN for benchmarks. Each comes in BatchNorm / LayerNorm / GroupNorm / no-normalization variants."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_interp._validation import check_choice, check_positive_int
+
+__all__ = ["Norm", "NORM_VARIANTS", "ClassifierModule", "DigitsCNN", "DeepMLP", "ResNet18"]
+
+Norm = Literal["batch", "layer", "group", "none"]
+NORM_VARIANTS: tuple[str, ...] = ("batch", "layer", "group", "none")
+
+
+def norm_layer(norm: str, channels: int, spatial: tuple[int, ...] = ()) -> nn.Module:
+    """A normalization layer for ``channels`` features (with ``spatial`` extent for conv maps)."""
+    if norm == "batch":
+        return nn.BatchNorm2d(channels) if spatial else nn.BatchNorm1d(channels)
+    if norm == "layer":
+        return nn.LayerNorm([channels, *spatial]) if spatial else nn.LayerNorm(channels)
+    if norm == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class ClassifierModule(LightningModule):
+    """A LightningModule around ``self.net``: cross-entropy, Adam, and ``val_acc`` / ``val_loss`` logging."""
+
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net: nn.Module = nn.Identity()
+        self.val_accuracy: MulticlassAccuracy | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy.update(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val_acc", self.val_accuracy, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class DigitsCNN(ClassifierModule):
+    """A small CNN for 8x8 digits: three conv blocks and a hidden dense layer, with a choice of normalization.
+
+    Hidden layers (the default probe targets) are ``net.relu1`` .. ``net.relu4``.
+
+    Example:
+        >>> model = DigitsCNN(norm="layer")
+        >>> model(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, norm: Norm = "batch", num_classes: int = 10, dropout: float = 0.0, lr: float = 3e-3) -> None:
+        super().__init__(lr=lr)
+        check_choice("norm", norm, NORM_VARIANTS)
+        self.save_hyperparameters()
+        self.norm = norm
+        self.net = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(1, 16, 3, padding=1),
+                norm1=norm_layer(norm, 16, (8, 8)),
+                relu1=nn.ReLU(),
+                conv2=nn.Conv2d(16, 32, 3, padding=1),
+                norm2=norm_layer(norm, 32, (8, 8)),
+                relu2=nn.ReLU(),
+                pool=nn.MaxPool2d(2),
+                conv3=nn.Conv2d(32, 64, 3, padding=1),
+                norm3=norm_layer(norm, 64, (4, 4)),
+                relu3=nn.ReLU(),
+                gap=nn.AdaptiveAvgPool2d(2),
+                flatten=nn.Flatten(),
+                fc1=nn.Linear(256, 64),
+                norm4=norm_layer(norm, 64),
+                relu4=nn.ReLU(),
+                dropout=nn.Dropout(dropout),
+                fc2=nn.Linear(64, num_classes),
+            )
+        )
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+
+class DeepMLP(ClassifierModule):
+    """``depth`` hidden blocks Linear -> norm -> activation, for watching gradients vanish or not.
+
+    Example:
+        >>> model = DeepMLP(depth=4, width=16, norm="batch")
+        >>> model(torch.zeros(3, 64)).shape
+        torch.Size([3, 10])
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        width: int = 64,
+        norm: Norm = "none",
+        activation: Literal["tanh", "relu"] = "tanh",
+        in_features: int = 64,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+    ) -> None:
+        super().__init__(lr=lr)
+        check_positive_int("depth", depth)
+        check_positive_int("width", width)
+        check_choice("norm", norm, NORM_VARIANTS)
+        check_choice("activation", activation, ("tanh", "relu"))
+        self.save_hyperparameters()
+        blocks: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        features = in_features
+        for i in range(depth):
+            blocks[f"fc{i}"] = nn.Linear(features, width)
+            blocks[f"norm{i}"] = norm_layer(norm, width)
+            blocks[f"act{i}"] = nn.Tanh() if activation == "tanh" else nn.ReLU()
+            features = width
+        blocks["head"] = nn.Linear(features, num_classes)
+        self.net = nn.Sequential(blocks)
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, spatial: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = norm_layer(norm, c_out, (spatial, spatial))
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = norm_layer(norm, c_out, (spatial, spatial))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm_layer(norm, c_out, (spatial, spatial))
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet18(ClassifierModule):
+    """ResNet-18 for 3x32x32 inputs (CIFAR layout: 3x3 stem, no max-pool), 11M parameters, for benchmarks.
+
+    Example:
+        >>> ResNet18(width=8)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, norm: Norm = "batch", lr: float = 1e-3) -> None:
+        super().__init__(lr=lr)
+        check_choice("norm", norm, NORM_VARIANTS)
+        self.save_hyperparameters()
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            stem=nn.Conv2d(3, width, 3, padding=1, bias=False),
+            stem_norm=norm_layer(norm, width, (32, 32)),
+            stem_relu=nn.ReLU(),
+        )
+        c_in, spatial = width, 32
+        for stage, mult in enumerate((1, 2, 4, 8)):
+            c_out = width * mult
+            for block in range(2):
+                stride = 2 if stage > 0 and block == 0 else 1
+                spatial //= stride
+                layers[f"stage{stage + 1}_{block}"] = _BasicBlock(c_in, c_out, stride, norm, spatial)
+                c_in = c_out
+        layers["gap"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten()
+        layers["fc"] = nn.Linear(c_in, num_classes)
+        self.net = nn.Sequential(layers)
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")

@@ -1,0 +1,66 @@
+"""Writing TensorBoard-only artifacts (images, histograms, text, custom-scalar layouts) through the Trainer's
+TensorBoardLogger, on global rank 0 only. Scalars never come here: they go through ``LightningModule.log``."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from lightning import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_interp._warnings import ProblemCounter
+
+__all__ = ["tensorboard_writer", "tensorboard_logger", "add_custom_scalar_charts", "log_dir"]
+
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[Any]]]] = weakref.WeakKeyDictionary()
+
+
+def tensorboard_logger(trainer: Trainer) -> TensorBoardLogger | None:
+    """The Trainer's first TensorBoardLogger, or ``None``."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger
+    return None
+
+
+def tensorboard_writer(trainer: Trainer, problems: ProblemCounter | None = None) -> Any | None:
+    """The ``SummaryWriter`` of the Trainer's TensorBoardLogger on global rank 0; ``None`` elsewhere.
+
+    Without a TensorBoardLogger, ``problems`` (when given) warns once that TensorBoard-only artifacts are skipped.
+    On ranks > 0 Lightning's writer is a dummy; returning ``None`` there makes "written once" explicit.
+    """
+    logger = tensorboard_logger(trainer)
+    if logger is None:
+        if problems is not None:
+            problems.report(
+                "no_tensorboard",
+                "no TensorBoardLogger attached; images, histograms and layouts are skipped "
+                "(scalars still go to every logger)",
+            )
+        return None
+    if not trainer.is_global_zero:
+        return None
+    return logger.experiment
+
+
+def log_dir(trainer: Trainer) -> str | None:
+    """Where the first logger writes files (for ``.pt`` dumps and figures), or ``None`` without a logger."""
+    logger = tensorboard_logger(trainer) or (trainer.loggers[0] if trainer.loggers else None)
+    if logger is None:
+        return None
+    return logger.log_dir
+
+
+def add_custom_scalar_charts(writer: Any, category: str, charts: dict[str, list[str]]) -> None:
+    """Add multi-line charts (``title -> tag regexes``) under ``category`` of the run's custom-scalars layout.
+
+    TensorBoard reads one layout per run, so the charts of every callback are merged here and the whole layout is
+    written again; the last one written is the one TensorBoard shows.
+    """
+    layout = _LAYOUTS.setdefault(writer, {})
+    section = layout.setdefault(category, {})
+    for title, tags in charts.items():
+        section[title] = ["Multiline", list(tags)]
+    writer.add_custom_scalars(layout)
+    writer.flush()

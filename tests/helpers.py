@@ -1,0 +1,58 @@
+"""Shared test utilities: short deterministic CPU fits and checks that a callback left no trace."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning import Callback, LightningModule
+
+from lightning_interp.data import DigitsDataModule
+from lightning_interp.hooks import count_hooks
+from lightning_interp.models import DigitsCNN
+
+__all__ = ["fit", "weights_of", "assert_same_weights", "count_hooks", "quiet_trainer"]
+
+
+def quiet_trainer(callbacks: Sequence[Callback] = (), **kwargs: Any) -> L.Trainer:
+    """A CPU Trainer without progress bar, summary or checkpoints; ``kwargs`` override."""
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(callbacks=list(callbacks), **options)
+
+
+def fit(
+    callbacks: Sequence[Callback] = (),
+    model_fn: Callable[[], LightningModule] = lambda: DigitsCNN(norm="batch", dropout=0.2),
+    datamodule: L.LightningDataModule | None = None,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> tuple[LightningModule, L.Trainer]:
+    """Seed, build the model, fit; returns ``(model, trainer)``."""
+    L.seed_everything(seed, verbose=False)
+    model = model_fn()
+    trainer = quiet_trainer(callbacks, **trainer_kwargs)
+    trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=64))
+    return model, trainer
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (BatchNorm running statistics included), cloned."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
