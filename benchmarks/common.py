@@ -1,0 +1,91 @@
+"""Side-by-side step-time and memory measurement shared by the benchmark scripts.
+
+Step time is the wall time between consecutive ``on_train_batch_end`` calls of a timer callback placed after all
+others, so it includes every callback's per-batch work. Configurations are run interleaved (A, B, A, B, ...) and the
+median over steps and repeats is compared, so machine noise hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning import Callback
+
+torch.set_num_threads(max(1, int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))))
+
+
+class StepTimer(Callback):
+    def __init__(self, warmup: int = 2) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._last: float | None = None
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None and self._seen >= self.warmup:
+            self.times.append(now - self._last)
+        self._last = now
+        self._seen += 1
+
+
+def run_steps(
+    model_fn: Callable[[], L.LightningModule],
+    datamodule_fn: Callable[[], L.LightningDataModule],
+    callbacks_fn: Callable[[], Sequence[Callback]],
+    steps: int,
+    **trainer_kwargs: Any,
+) -> list[float]:
+    """Fit for ``steps`` training batches (no validation) and return the per-step times after warm-up."""
+    L.seed_everything(0, verbose=False)
+    timer = StepTimer()
+    options: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=[*callbacks_fn(), timer], **options)
+    trainer.fit(model_fn(), datamodule=datamodule_fn())
+    gc.collect()
+    return timer.times
+
+
+def compare(
+    configs: dict[str, Callable[[], Sequence[Callback]]],
+    model_fn: Callable[[], L.LightningModule],
+    datamodule_fn: Callable[[], L.LightningDataModule],
+    steps: int = 12,
+    repeats: int = 3,
+    **trainer_kwargs: Any,
+) -> dict[str, float]:
+    """Median step time per configuration, runs interleaved ``repeats`` times."""
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, callbacks_fn in configs.items():
+            times[name] += run_steps(model_fn, datamodule_fn, callbacks_fn, steps, **trainer_kwargs)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
