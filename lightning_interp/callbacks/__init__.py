@@ -1,5 +1,7 @@
 """Lightning callbacks: thin adapters over the Trainer-free core."""
 
 from lightning_interp.callbacks.linear_probe_monitor import LinearProbeMonitor
+from lightning_interp.callbacks.norm_stats_monitor import NormStatsMonitor
+from lightning_interp.callbacks.grad_flow_monitor import GradFlowMonitor
 
-__all__ = ["LinearProbeMonitor"]
+__all__ = ["LinearProbeMonitor", "NormStatsMonitor", "GradFlowMonitor"]

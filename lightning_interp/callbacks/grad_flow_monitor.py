@@ -1,0 +1,408 @@
+"""GradFlowMonitor: how the gradient's norm changes from layer to layer, measured and predicted from the weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import LightningModule, Trainer
+from torch import nn
+from typing_extensions import override
+
+from lightning_interp._validation import check_positive_float, check_positive_int
+from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks.norm_stats_monitor import logged_step
+from lightning_interp.errors import LightningInterpError
+from lightning_interp.layers import Layer, first_tensor, select_layers
+from lightning_interp.render import upscale
+from lightning_interp.stats.grad_flow import (
+    ChainLink,
+    PowerIteration,
+    analytic_flow,
+    chain_links,
+    measured_flow,
+    param_grad_norms,
+    per_example_grad_norm,
+    weight_matrix,
+)
+from lightning_interp.stats.norm_stats import effective_gain
+from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_writer
+
+__all__ = ["GradFlowMonitor"]
+
+OUTPUT = "output"
+
+
+class GradFlowMonitor(InterpCallback):
+    """Per-layer gradient norms, backward gains and their cumulative product, next to the product the weights and
+    normalization gains predict, logged every ``log_every_n_steps``.
+
+    On logged steps only, forward hooks on the hidden layers (and the output layer) put gradient hooks on their
+    outputs, which fire during the training step's *own* backward: no extra forward or backward pass. Parameter
+    gradients are read in ``on_before_optimizer_step``. Definitions: :mod:`lightning_interp.stats.grad_flow`.
+
+    Logged through ``LightningModule.log`` (``on_step``, ``sync_dist=True``, any logger):
+
+    * ``gradflow/<hidden layer>/grad_norm``: mean per-example ``||dL/dH_l||``;
+      ``gradflow/<hidden layer>/backward_gain``: ``||dL/dH_{l-1}|| / ||dL/dH_l||`` (not for the first layer);
+      ``gradflow/<hidden layer>/cum_product``: product of the gains from the output down to ``l``;
+    * ``gradflow/<hidden layer>/analytic_gain``: ``||W_l||_2 * mean(|g_l| / sigma_l)``;
+      ``gradflow/<hidden layer>/analytic_cum_product``: its product from the output down to ``l``;
+    * ``gradflow/output/grad_norm``, ``gradflow/output/backward_gain``, ``gradflow/output/analytic_gain``
+      (``||W_out||_2``), for the output of the last weight layer;
+    * ``gradflow/<weight layer>/spectral_norm``: ``||W||_2`` by persistent power iteration (one step per logged
+      step; a conv kernel as its ``(out, in*k*k)`` matrix);
+    * ``gradflow/<module>/param_grad_norm``: norm of the gradients of each module's own parameters (weight and bias
+      together); ``gradflow/total/param_grad_norm``: over all parameters;
+    * ``gradflow/total/cum_product`` and ``gradflow/total/analytic_cum_product``: the products at the first watched
+      layer (output to input end);
+    * ``gradflow/total/flow_events``: logged steps whose ``total/cum_product`` left ``band`` (vanishing below,
+      exploding above; warned once each); ``gradflow/total/nonfinite_events``: steps with NaN/Inf gradients.
+
+    With a TensorBoardLogger, every ``every_n_epochs`` on global rank 0: the image ``gradflow/figure`` (per-layer
+    gradient norm on a log scale, and measured vs analytic cumulative products; matplotlib when installed, else a
+    plain bar image), and once a custom-scalars layout (``gradflow`` section: one chart per statistic).
+
+    Mixed precision: with a gradient scaler (``precision="16-mixed"``) the activation gradients seen by the hooks
+    are scaled; they are divided by the scaler's scale read in ``on_before_optimizer_step`` (the scale used for
+    that backward). Parameter gradients are already unscaled by Lightning before that hook.
+
+    Args:
+        layers: the hidden layers (see :func:`~lightning_interp.layers.select_layers`); ``None``: every
+            nonlinearity's output. ``"input"`` is ignored.
+        norm_types: extra module types to treat as normalization layers.
+        every_n_epochs: figure period in training epochs.
+        band: ``(low, high)`` for ``total/cum_product``; outside it a vanishing/exploding event is counted.
+        output_key: key or index of the tensor to use when a layer returns a tuple or dict.
+        seed: seed of the power iteration's start vectors.
+
+    Example:
+        >>> from lightning import Trainer
+        >>> from lightning_interp.data import DigitsDataModule
+        >>> from lightning_interp.models import DeepMLP
+        >>> monitor = GradFlowMonitor()
+        >>> trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, log_every_n_steps=1,
+        ...                   callbacks=[monitor], logger=False, enable_checkpointing=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(DeepMLP(depth=16, norm="none"), DigitsDataModule())  # doctest: +ELLIPSIS
+        >>> monitor.last["gradflow/total/cum_product"] < 1e-3  # 16 tanh layers, no normalization: vanishing
+        True
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        layers: str | Sequence[str | type | Callable[..., bool]] | None = None,
+        norm_types: Sequence[type] = (),
+        every_n_epochs: int = 1,
+        band: tuple[float, float] = (1e-4, 1e4),
+        output_key: str | int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.layers = layers
+        self.norm_types = tuple(norm_types)
+        for t in self.norm_types:
+            if not (isinstance(t, type) and issubclass(t, nn.Module)):
+                raise LightningInterpError(
+                    f"Expected argument `norm_types` to hold nn.Module subclasses, but got {t!r}. "
+                    "Pass the classes themselves, e.g. `norm_types=[MyNorm]`."
+                )
+        self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
+        if not (isinstance(band, (tuple, list)) and len(band) == 2):
+            raise LightningInterpError(f"Expected argument `band` to be a pair (low, high), but got {band!r}.")
+        low, high = check_positive_float("band[0]", band[0]), check_positive_float("band[1]", band[1])
+        if not low < high:
+            raise LightningInterpError(f"Expected argument `band` to have low < high, but got {band!r}.")
+        self.band = (low, high)
+        self.output_key = output_key
+        self.seed = seed
+        self.hidden_layers: list[Layer] = []
+        self.links: list[ChainLink] = []
+        self.output_layer: str | None = None
+        self.power = PowerIteration(seed)
+        self.last: dict[str, float] = {}
+        self.flow_events = 0
+        self.nonfinite_events = 0
+        self._modules: dict[str, nn.Module] = {}
+        self._active = False
+        self._order: list[str] = []
+        self._grad_norms: dict[str, torch.Tensor] = {}
+        self._grad_finite: list[torch.Tensor] = []
+        self._gains: dict[str, torch.Tensor] = {}
+        self._param_norms: dict[str, torch.Tensor] = {}
+        self._scale = 1.0
+
+    @override
+    def _config(self) -> dict[str, Any]:
+        return {"layers": self.layers, "norm_types": [t.__name__ for t in self.norm_types],
+                "every_n_epochs": self.every_n_epochs, "band": self.band, "seed": self.seed}  # fmt: skip
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.hidden_layers = [layer for layer in select_layers(pl_module, self.layers) if not layer.is_input]
+        if not self.hidden_layers:
+            raise LightningInterpError(
+                "GradFlowMonitor found no hidden layer to watch (no nonlinearity module and fewer than two weight "
+                "layers). Pass `layers=` naming the modules whose outputs to follow."
+            )
+        self.links, self.output_layer = chain_links(pl_module, [layer.name for layer in self.hidden_layers], self.norm_types)
+        self._modules = dict(pl_module.named_modules())
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
+        self._release()
+        for layer in self.hidden_layers:
+            self.hooks.forward(layer.module, self._make_output_hook(layer.name))
+        if self.output_layer is not None:
+            self.hooks.forward(self._modules[self.output_layer], self._make_output_hook(OUTPUT))
+        for norm in {link.norm for link in self.links if link.norm is not None}:
+            self.hooks.forward(self._modules[norm], self._make_norm_hook(norm))
+        writer = tensorboard_writer(trainer, self.problems)
+        if writer is not None:
+            stats = ("grad_norm", "backward_gain", "cum_product", "analytic_gain", "analytic_cum_product",
+                     "spectral_norm", "param_grad_norm")  # fmt: skip
+            charts = {f"{stat}, every layer": [rf"gradflow/.*/{stat}$"] for stat in stats}
+            charts["total cumulative product, measured vs analytic"] = [r"gradflow/total/(analytic_)?cum_product$"]
+            add_custom_scalar_charts(writer, "gradflow", charts)
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def _make_output_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self._active or name in self._grad_norms or name in self._order:
+                return  # a shared module: the first call site is followed
+            y = first_tensor(output, self.output_key)
+            if y is None or not y.requires_grad:
+                return
+            self._order.append(name)
+            self.hooks.tensor(y, self._make_grad_hook(name))
+
+        return hook
+
+    def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._grad_norms[name] = per_example_grad_norm(grad)
+                self._grad_finite.append(torch.isfinite(grad).all())
+
+        return hook
+
+    def _make_norm_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self._active and name not in self._gains and args and isinstance(args[0], torch.Tensor):
+                with torch.no_grad():
+                    self._gains[name] = effective_gain(module, args[0])
+
+        return hook
+
+    # ---- batches ---------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._active = logged_step(trainer)
+        self._order, self._grad_norms, self._grad_finite, self._gains = [], {}, [], {}
+        self._param_norms, self._scale = {}, 1.0
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if not self._active:
+            return
+        self._param_norms = param_grad_norms(pl_module)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            self._scale = float(scaler.get_scale())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        self._active = False
+        values = self._collect()
+        if values is None:
+            return
+        logged = self._flow(values)
+        for tag, value in logged.items():
+            pl_module.log(tag, value, on_step=True, on_epoch=False, sync_dist=True)
+        self.last = logged
+
+    def _collect(self) -> dict[str, float] | None:
+        """Every tensor of the step, moved to the host in one transfer."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, norm in self._grad_norms.items():
+            tensors[f"norm:{name}"] = norm
+        for name, gain in self._gains.items():
+            tensors[f"gain:{name}"] = gain
+        for name, norm in self._param_norms.items():
+            tensors[f"param:{name}"] = norm
+        weights = [link.weight for link in self.links if link.weight is not None]
+        if self.output_layer is not None:
+            weights.append(self.output_layer)
+        for name in dict.fromkeys(weights):
+            tensors[f"spectral:{name}"] = self.power.step(name, weight_matrix(self._modules[name]))
+        if self._grad_finite:
+            tensors["finite"] = torch.stack(self._grad_finite).all().float()
+        if not tensors:
+            return None
+        device = next(iter(tensors.values())).device
+        numbers = torch.stack([t.reshape(()).float().to(device) for t in tensors.values()]).tolist()
+        self._grad_norms, self._grad_finite, self._gains, self._param_norms = {}, [], {}, {}
+        return dict(zip(tensors, numbers))
+
+    def _flow(self, values: dict[str, float]) -> dict[str, float]:
+        scale = self._scale
+        logged: dict[str, float] = {}
+        hidden = [name for name in self._order if name != OUTPUT and f"norm:{name}" in values]
+        norms = [values[f"norm:{name}"] / scale for name in hidden]
+        output_norm = values[f"norm:{OUTPUT}"] / scale if f"norm:{OUTPUT}" in values else None
+        if "finite" in values and values["finite"] < 1.0:
+            self.nonfinite_events += 1
+            self.problems.report("nonfinite_gradients", "activation gradients held NaN/Inf; logged as they are")
+        for name, norm in zip(hidden, norms):
+            logged[f"gradflow/{name}/grad_norm"] = norm
+        if output_norm is not None:
+            logged[f"gradflow/{OUTPUT}/grad_norm"] = output_norm
+        for name, entry in measured_flow(hidden, norms, output_norm).items():
+            for stat, value in entry.items():
+                logged[f"gradflow/{name}/{stat}"] = value
+        # analytic: ||W_l|| * g_l / sigma_l per hidden layer, in the measured (forward) order
+        by_hidden = {link.hidden: link for link in self.links}
+        analytic = []
+        for name in hidden:
+            link = by_hidden.get(name)
+            if link is None or link.weight is None:
+                analytic.append(float("nan"))
+                continue
+            gain = values.get(f"gain:{link.norm}", float("nan")) if link.norm is not None else 1.0
+            analytic.append(values[f"spectral:{link.weight}"] * gain)
+        output_gain = values.get(f"spectral:{self.output_layer}") if self.output_layer is not None else None
+        for name, gain in zip(hidden, analytic):
+            logged[f"gradflow/{name}/analytic_gain"] = gain
+        if output_gain is not None:
+            logged[f"gradflow/{OUTPUT}/analytic_gain"] = output_gain
+        cumulative = analytic_flow(hidden, analytic, output_gain)
+        for name, product in cumulative.items():
+            logged[f"gradflow/{name}/analytic_cum_product"] = product
+        for key, value in values.items():
+            kind, _, name = key.partition(":")
+            if kind == "spectral":
+                logged[f"gradflow/{name}/spectral_norm"] = value
+            elif kind == "param":
+                logged[f"gradflow/{name}/param_grad_norm"] = value
+        if hidden:
+            total = logged[f"gradflow/{hidden[0]}/cum_product"]
+            logged["gradflow/total/cum_product"] = total
+            logged["gradflow/total/analytic_cum_product"] = cumulative[hidden[0]]
+            self._check_band(total)
+        logged["gradflow/total/flow_events"] = float(self.flow_events)
+        logged["gradflow/total/nonfinite_events"] = float(self.nonfinite_events)
+        return logged
+
+    def _check_band(self, product: float) -> None:
+        low, high = self.band
+        if math.isnan(product):
+            return
+        if product < low:
+            self.flow_events += 1
+            self.problems.report(
+                "vanishing_gradients",
+                f"the gradient shrinks by {product:.3g} from the output to the first watched layer "
+                f"(below the band's {low:g}): vanishing gradients",
+            )
+        elif product > high:
+            self.flow_events += 1
+            self.problems.report(
+                "exploding_gradients",
+                f"the gradient grows by {product:.3g} from the output to the first watched layer "
+                f"(above the band's {high:g}): exploding gradients",
+            )
+
+    # ---- figure ----------------------------------------------------------------------------------------------
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs or not self.last:
+            return
+        writer = tensorboard_writer(trainer, self.problems)
+        if writer is None:
+            return
+        writer.add_image("gradflow/figure", self.figure(), trainer.global_step, dataformats="HWC")
+        writer.flush()
+
+    def figure(self) -> np.ndarray:
+        """The gradient-flow figure of the last logged step as an ``(H, W, 3)`` uint8 image."""
+        names = [name for name in self._hidden_order() if f"gradflow/{name}/grad_norm" in self.last]
+        norms = [self.last[f"gradflow/{name}/grad_norm"] for name in names]
+        measured = [self.last.get(f"gradflow/{name}/cum_product", float("nan")) for name in names]
+        analytic = [self.last.get(f"gradflow/{name}/analytic_cum_product", float("nan")) for name in names]
+        try:
+            return _matplotlib_figure(names, norms, measured, analytic)
+        except ImportError:
+            self.problems.report("no_matplotlib", "matplotlib is not installed; the figure is a plain bar image")
+            return _bar_image(norms)
+
+    def _hidden_order(self) -> list[str]:
+        return [layer.name for layer in self.hidden_layers] + [OUTPUT]
+
+    @override
+    def _release(self) -> None:
+        super()._release()
+        self._active = False
+        self._order, self._grad_norms, self._grad_finite, self._gains, self._param_norms = [], {}, [], {}, {}
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    @override
+    def _state(self) -> dict[str, Any]:
+        return {"power": self.power.state_dict(), "flow_events": self.flow_events,
+                "nonfinite_events": self.nonfinite_events}  # fmt: skip
+
+    @override
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.power.load_state_dict(state["power"])
+        self.flow_events = int(state["flow_events"])
+        self.nonfinite_events = int(state["nonfinite_events"])
+
+
+def _matplotlib_figure(
+    names: list[str], norms: list[float], measured: list[float], analytic: list[float]
+) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 6.0), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(names))
+    top.bar(x, [v if v > 0 and math.isfinite(v) else np.nan for v in norms], color="tab:blue")
+    top.set_yscale("log")
+    top.set_ylabel("mean per-example ||dL/dH||")
+    top.set_title("gradient flow (output on the right)")
+    bottom.plot(x, measured, "o-", label="measured cumulative product")
+    bottom.plot(x, analytic, "s--", label="analytic prod ||W|| g/sigma")
+    bottom.set_yscale("log")
+    bottom.axhline(1.0, color="grey", lw=0.8)
+    bottom.legend(fontsize=8)
+    bottom.set_xticks(x, names, rotation=90, fontsize=7)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _bar_image(values: list[float], height: int = 64, bar: int = 6) -> np.ndarray:
+    """Bars of ``log10(value)`` scaled to the image height, without matplotlib."""
+    logs = np.array([math.log10(v) if v > 0 and math.isfinite(v) else np.nan for v in values], dtype=float)
+    image = np.full((height, max(len(values), 1) * bar, 3), 255, dtype=np.uint8)
+    finite = logs[np.isfinite(logs)]
+    if finite.size:
+        low, high = finite.min(), finite.max()
+        span = high - low if high > low else 1.0
+        for i, value in enumerate(logs):
+            if np.isfinite(value):
+                h = max(1, int(round((value - low) / span * (height - 1))) + 1)
+                image[height - h :, i * bar : i * bar + bar - 1] = (31, 119, 180)
+    return upscale(image, 2)

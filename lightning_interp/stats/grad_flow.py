@@ -1,0 +1,251 @@
+"""Gradient flow through a network's layers: measured from the backward pass and predicted from the weights.
+
+Pure functions and one small stateful class; no Trainer, no hooks.
+
+Measured (from ``dL/dH_l``, the gradient of the loss with respect to hidden layer ``l``'s output, as the training
+step's own backward produced it):
+
+* ``grad_norm`` of layer ``l``: the mean over the batch of the per-example L2 norms ``||dL/dH_l[n]||`` (the loss is
+  usually a batch mean, so each example's gradient carries a ``1/B`` factor; ratios are unaffected);
+* ``backward_gain`` of layer ``l``: ``grad_norm(l - 1) / grad_norm(l)``, the factor by which the gradient grows
+  (> 1) or shrinks (< 1) passing back through block ``l``; for the first watched layer there is no ``l - 1``;
+* ``cum_product`` of layer ``l``: the product of the backward gains from the output down to ``l``, which
+  telescopes to ``grad_norm(l) / grad_norm(output)``; ``output`` is the output of the network's last weight layer
+  (the logits).
+
+Analytic (from the weights, the theory of the backward Jacobian ``prod_i (g_i / sigma_i) W_i``):
+
+* ``spectral_norm`` of each weight layer: ``||W||_2``, by a persistent power iteration (:class:`PowerIteration`,
+  one step per call). A conv weight ``(out, in, k, k)`` is taken as the ``(out, in*k*k)`` matrix: the operator
+  norm of the convolution itself differs from it (it depends on the input size and padding), and this matrix
+  norm is the customary, input-independent proxy;
+* ``analytic_gain`` of layer ``l``: ``||W_l||_2 * g_l / sigma_l``, where ``W_l`` is the weight layer feeding
+  hidden layer ``l`` and ``g_l / sigma_l`` the effective gain of the normalization between them (1 without one).
+  The nonlinearity's derivative is left out, so this is the weights-and-normalization part of the gain;
+* ``analytic_cum_product`` of layer ``l``: ``||W_out||_2`` times the product of ``analytic_gain`` over the layers
+  above ``l``, the counterpart of ``cum_product``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_interp.layers import NORMALIZATIONS
+
+__all__ = [
+    "WEIGHT_LAYERS",
+    "per_example_grad_norm",
+    "measured_flow",
+    "analytic_flow",
+    "weight_matrix",
+    "PowerIteration",
+    "ChainLink",
+    "chain_links",
+    "param_grad_norms",
+]
+
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def per_example_grad_norm(grad: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch (dim 0) of the per-example L2 norms of ``grad``, as a 0-dim float32 tensor.
+
+    Example:
+        >>> float(per_example_grad_norm(torch.tensor([[3.0, 4.0], [0.0, 1.0]])))  # norms 5 and 1
+        3.0
+    """
+    g = grad.detach().float()
+    if g.dim() == 0:
+        return g.abs()
+    return g.reshape(g.shape[0], -1).norm(dim=1).mean()
+
+
+def measured_flow(
+    names: Sequence[str], norms: Sequence[float], output_norm: float | None
+) -> dict[str, dict[str, float]]:
+    """Backward gains and cumulative products from per-layer gradient norms, layers in forward order.
+
+    Args:
+        names: hidden layers, input side first.
+        norms: their ``grad_norm``.
+        output_norm: ``grad_norm`` of the network output; ``None`` makes the last hidden layer the reference.
+
+    Returns:
+        ``{layer: {"backward_gain": ..., "cum_product": ...}}``; the first layer has no ``backward_gain``; an
+        ``"output"`` entry carries the gain from the output to the last hidden layer.
+
+    Example:
+        >>> flow = measured_flow(["a", "b"], [0.01, 0.1], output_norm=1.0)
+        >>> flow["a"], flow["output"]
+        ({'cum_product': 0.01}, {'backward_gain': 0.1})
+        >>> round(flow["b"]["backward_gain"], 6), flow["b"]["cum_product"]
+        (0.1, 0.1)
+    """
+    out: dict[str, dict[str, float]] = {}
+    reference = output_norm if output_norm is not None else (norms[-1] if norms else None)
+    for i, (name, norm) in enumerate(zip(names, norms)):
+        entry: dict[str, float] = {}
+        if i > 0:
+            entry["backward_gain"] = _ratio(norms[i - 1], norm)
+        entry["cum_product"] = _ratio(norm, reference)
+        out[name] = entry
+    if output_norm is not None and norms:
+        out["output"] = {"backward_gain": _ratio(norms[-1], output_norm)}
+    return out
+
+
+def analytic_flow(
+    names: Sequence[str], gains: Sequence[float], output_gain: float | None
+) -> dict[str, float]:
+    """Cumulative analytic products: at layer ``l``, ``output_gain * prod_{j > l} gains[j]``.
+
+    Example:
+        >>> analytic_flow(["a", "b", "c"], [5.0, 2.0, 3.0], output_gain=0.5)
+        {'a': 3.0, 'b': 1.5, 'c': 0.5}
+    """
+    running = 1.0 if output_gain is None else float(output_gain)
+    out: dict[str, float] = {}
+    for name, gain in zip(reversed(names), reversed(gains)):
+        out[name] = running
+        running *= gain
+    return dict(reversed(list(out.items())))
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None:
+        return float("nan")
+    if b == 0:
+        return float("inf") if a > 0 else float("nan")
+    return a / b
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """A weight layer's matrix: Linear ``(out, in)``; conv ``(out, in*k...)`` (the reshaped kernel).
+
+    Example:
+        >>> tuple(weight_matrix(nn.Conv2d(3, 8, 5)).shape)
+        (8, 75)
+    """
+    weight = module.weight.detach()
+    return weight.reshape(weight.shape[0], -1)
+
+
+class PowerIteration:
+    """Persistent power iteration for ``||W||_2`` of several matrices: one step per :meth:`step` call, starting
+    from the previous call's singular vector, so the estimate converges over calls and follows slowly changing
+    weights. The start vectors come from an own seeded generator (the global RNG is never drawn from).
+
+    Example:
+        >>> w = torch.diag(torch.tensor([3.0, 1.0, 0.5]))
+        >>> power = PowerIteration(seed=0)
+        >>> for _ in range(10):
+        ...     sigma = power.step("w", w)
+        >>> round(float(sigma), 4)
+        3.0
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.vectors: dict[str, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def step(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
+        """One power-iteration step on ``matrix`` (2-D); returns the current estimate of its spectral norm."""
+        w = matrix.detach().float()
+        v = self.vectors.get(name)
+        if v is None or v.shape[0] != w.shape[1]:
+            v = torch.randn(w.shape[1], generator=self._generator).to(w.device)
+        v = v.to(w.device)
+        u = w @ v
+        u = u / u.norm().clamp_min(1e-30)
+        v = w.T @ u
+        sigma = v.norm()
+        self.vectors[name] = v / sigma.clamp_min(1e-30)
+        return sigma
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: v.cpu() for name, v in self.vectors.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.vectors = {name: torch.as_tensor(v) for name, v in state.items()}
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """What feeds a hidden layer in a plain chain: its weight layer and the normalization after it (if any)."""
+
+    hidden: str
+    weight: str | None
+    norm: str | None
+
+
+def chain_links(
+    model: nn.Module, hidden: Iterable[str], extra_norm_types: Sequence[type[nn.Module]] = ()
+) -> tuple[list[ChainLink], str | None]:
+    """Assign weight and normalization layers to hidden layers, by module registration order.
+
+    For each hidden layer, the first weight layer registered after the previous hidden layer, and the first
+    normalization registered after that weight layer (before the hidden layer). Also returns the output weight
+    layer: the last weight layer registered after the last hidden layer. A plain chain is assumed; residual
+    branches (a ResNet's shortcut) are not on the chain and are ignored.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+        ...                     nn.Linear(4, 2))
+        >>> links, output = chain_links(net, ["2", "4"])
+        >>> [(link.weight, link.norm) for link in links], output
+        ([('0', '1'), ('3', None)], '5')
+    """
+    hidden = list(hidden)
+    order = [(name, module) for name, module in model.named_modules() if name]
+    position = {name: i for i, (name, _) in enumerate(order)}
+    norm_types = NORMALIZATIONS + tuple(extra_norm_types)
+    links: list[ChainLink] = []
+    start = 0
+    for name in hidden:
+        end = position.get(name)
+        if end is None:
+            links.append(ChainLink(name, None, None))
+            continue
+        weight = norm = None
+        for n, m in order[start:end]:
+            if weight is None and isinstance(m, WEIGHT_LAYERS):
+                weight = n
+            elif weight is not None and norm is None and isinstance(m, norm_types):
+                norm = n
+        links.append(ChainLink(name, weight, norm))
+        # skip the hidden module's own children (a hidden layer may be a block)
+        start = end + 1 + sum(1 for n, _ in order if n.startswith(name + "."))
+    last = max((position[n] for n in hidden if n in position), default=-1)
+    after = [n for n, m in order[last + 1 :] if isinstance(m, WEIGHT_LAYERS)]
+    return links, (after[-1] if after else None)
+
+
+def param_grad_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norm of the gradients of each module's own parameters (weight and bias together), plus ``total``.
+
+    Modules without parameter gradients are left out; every norm is a 0-dim float32 tensor.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 1))
+        >>> net(torch.tensor([[3.0, 4.0]])).sum().backward()
+        >>> {k: round(float(v), 4) for k, v in param_grad_norms(net).items()}  # sqrt(3**2 + 4**2 + 1**2)
+        {'0': 5.099, 'total': 5.099}
+    """
+    out: dict[str, torch.Tensor] = {}
+    squares: list[torch.Tensor] = []
+    for name, module in model.named_modules():
+        grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+        if not grads:
+            continue
+        square = sum(g.detach().float().pow(2).sum() for g in grads)
+        squares.append(square)
+        out[name or "model"] = square.sqrt()
+    if squares:
+        out["total"] = torch.stack(squares).sum().sqrt()
+    return out

@@ -1,0 +1,230 @@
+"""Statistics of normalization layers and hidden activations, from tensors captured by forward hooks.
+
+Pure functions of ``(module, input, output)``: no Trainer, no hooks. Every statistic is a 0-dim float32 tensor on
+the input's device, so a caller can gather many of them and move them to the host in one transfer.
+
+Definitions (``x`` the layer input, ``y`` its output, statistics over every element of the batch):
+
+* ``in_mean``, ``in_std``, ``out_mean``, ``out_std``: mean and (biased) standard deviation of all elements of ``x``
+  and ``y``.
+* ``gamma_abs_mean``, ``beta_mean``: mean of ``|weight|`` and of ``bias`` (only for layers that have them).
+* ``effective_gain``: the mean over examples and features of ``|gamma| / sigma``, where ``sigma`` is the standard
+  deviation the layer *actually divides by* on this forward: BatchNorm in train mode (or without running
+  statistics) the biased batch variance per channel; BatchNorm in eval mode its running variance; LayerNorm one
+  sigma per example over ``normalized_shape``; GroupNorm one per example and group; InstanceNorm one per example and
+  channel (running statistics in eval mode when it tracks them); RMSNorm the root mean square per example.
+  ``sigma = sqrt(var + eps)`` with the layer's own ``eps``; a layer without affine parameters has ``gamma = 1``.
+* BatchNorm only: ``running_mean_dist``, the mean over channels of ``|batch_mean - running_mean| /
+  sqrt(running_var + eps)`` (how many running standard deviations the batch mean is away), and
+  ``running_std_ratio``, the mean over channels of ``batch_std / running_std``. Both are 0 and 1 when the running
+  statistics describe the batch; they measure the train/eval mismatch. The running statistics must be the ones
+  from *before* the forward (a train-mode forward updates them in place): pass a snapshot.
+
+Hidden-layer statistics (:func:`activation_stats`), "unit" = a feature of a dense output or a channel of a conv map:
+
+* ``act_mean``, ``act_std``: mean and biased standard deviation of all elements.
+* ``saturated_frac``: fraction of elements in the flat part of a bounded nonlinearity: ``|a| > 0.99`` after
+  ``Tanh``/``Hardtanh``/``Softsign`` (tanh' < 0.02 there), ``a < 0.01`` or ``a > 0.99`` after
+  ``Sigmoid``/``Hardsigmoid`` (sigmoid' < 0.0099). Only for those layers.
+* ``dead_frac``: fraction of units that are never positive anywhere in the batch (every example, every position),
+  after ``ReLU``/``ReLU6``. Only for those layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TANH_SATURATION",
+    "SIGMOID_SATURATION",
+    "SATURATING_TANH",
+    "SATURATING_SIGMOID",
+    "RELU_LIKE",
+    "divisor_std",
+    "effective_gain",
+    "norm_layer_stats",
+    "activation_stats",
+    "snapshot_running_stats",
+]
+
+TANH_SATURATION = 0.99
+"""``|tanh(x)| > 0.99`` counts as saturated (there tanh'(x) = 1 - a**2 < 0.02)."""
+SIGMOID_SATURATION = 0.01
+"""``sigmoid(x) < 0.01`` or ``> 0.99`` counts as saturated (there sigmoid'(x) < 0.0099)."""
+
+SATURATING_TANH: tuple[type[nn.Module], ...] = (nn.Tanh, nn.Hardtanh, nn.Softsign)
+SATURATING_SIGMOID: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
+RELU_LIKE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCENORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_BATCHED_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+
+
+def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(x, correction=0)
+    return mean, var.sqrt()
+
+
+def snapshot_running_stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A copy of a BatchNorm/InstanceNorm's ``(running_mean, running_var)`` (``None`` when it keeps none).
+
+    Example:
+        >>> snapshot_running_stats(nn.BatchNorm1d(3))[1].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        return None
+    return mean.detach().clone(), var.detach().clone()
+
+
+def _uses_batch_stats(module: nn.Module) -> bool:
+    # the rule of F.batch_norm / F.instance_norm: batch statistics in training or without running statistics
+    return module.training or getattr(module, "running_var", None) is None
+
+
+def divisor_std(
+    module: nn.Module, x: torch.Tensor, running: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor | None:
+    """The standard deviation(s) ``sqrt(var + eps)`` that ``module`` divides ``x`` by, shaped to broadcast
+    against the layer's per-feature ``gamma`` after a leading batch dimension; ``None`` for unknown layer types.
+
+    Shapes: BatchNorm ``(C,)``; InstanceNorm ``(N, C)``; LayerNorm and RMSNorm ``(N, 1, ..., 1)`` (one per
+    example); GroupNorm ``(N, C)`` (each channel gets its group's sigma). ``running`` overrides the module's
+    running statistics (pass the pre-forward snapshot).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2, eps=0.0)
+        >>> divisor_std(bn, torch.tensor([[0.0, 1.0], [2.0, 5.0]])).tolist()
+        [1.0, 2.0]
+    """
+    x = x.detach().float()
+    eps = getattr(module, "eps", None)
+    if isinstance(module, _BATCHNORMS):
+        if _uses_batch_stats(module):
+            dims = [0, *range(2, x.dim())]
+            return (x.var(dim=dims, correction=0) + eps).sqrt()
+        var = (running or snapshot_running_stats(module))[1].float()
+        return (var + eps).sqrt()
+    if isinstance(module, _INSTANCENORMS):
+        batched_dims = next(d for t, d in _BATCHED_DIMS.items() if isinstance(module, t))
+        batched = x if x.dim() == batched_dims else x.unsqueeze(0)
+        if _uses_batch_stats(module) or not module.track_running_stats:
+            return (batched.flatten(2).var(dim=2, correction=0) + eps).sqrt()
+        var = (running or snapshot_running_stats(module))[1].float()
+        return (var + eps).sqrt().expand(batched.shape[0], -1)
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
+        return (x.var(dim=dims, correction=0, keepdim=True) + eps).sqrt()
+    if isinstance(module, nn.RMSNorm):
+        dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        return (x.pow(2).mean(dim=dims, keepdim=True) + eps).sqrt()
+    if isinstance(module, nn.GroupNorm):
+        n, c, groups = x.shape[0], x.shape[1], module.num_groups
+        sigma = (x.reshape(n, groups, -1).var(dim=2, correction=0) + eps).sqrt()
+        return sigma.repeat_interleave(c // groups, dim=1)
+    return None
+
+
+def effective_gain(
+    module: nn.Module, x: torch.Tensor, running: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Mean of ``|gamma| / sigma`` over examples and features: the factor ``g / sigma`` by which the layer scales
+    (forward and backward) its centred input. ``nan`` for an unknown layer type.
+
+    Example:
+        >>> ln = nn.LayerNorm(2, eps=0.0)
+        >>> with torch.no_grad():
+        ...     _ = ln.weight.fill_(3.0)
+        >>> float(effective_gain(ln, torch.tensor([[0.0, 2.0], [0.0, 4.0]])))  # sigmas 1 and 2: mean(3/1, 3/2)
+        2.25
+    """
+    sigma = divisor_std(module, x, running)
+    if sigma is None:
+        return torch.tensor(float("nan"), device=x.device)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return sigma.reciprocal().mean()
+    gamma = weight.detach().float().abs()
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        # sigma (N, 1, ..., 1) against gamma (normalized_shape): independent, so the mean factorises
+        return gamma.mean() * sigma.reciprocal().mean()
+    if isinstance(module, _BATCHNORMS):
+        return (gamma / sigma).mean()
+    return (gamma.unsqueeze(0) / sigma).mean()  # GroupNorm / InstanceNorm: sigma (N, C)
+
+
+def norm_layer_stats(
+    module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    running: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every statistic of one normalization layer on one forward (see the module docstring for definitions).
+
+    Args:
+        module: the normalization layer (its mode decides batch vs running statistics).
+        x: its input on this forward.
+        y: its output on this forward.
+        running: BatchNorm's ``(running_mean, running_var)`` from *before* the forward
+            (:func:`snapshot_running_stats` in a forward-pre hook); the module's current buffers when ``None``.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2).train()
+        >>> x = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+        >>> before = snapshot_running_stats(bn)
+        >>> stats = norm_layer_stats(bn, x, bn(x), before)
+        >>> sorted(stats)  # doctest: +NORMALIZE_WHITESPACE
+        ['beta_mean', 'effective_gain', 'gamma_abs_mean', 'in_mean', 'in_std', 'out_mean', 'out_std',
+         'running_mean_dist', 'running_std_ratio']
+        >>> round(float(stats["running_mean_dist"]), 4)  # batch means 1 and 2 against running mean 0, var 1
+        1.5
+    """
+    xf, yf = x.detach().float(), y.detach().float()
+    stats: dict[str, torch.Tensor] = {}
+    stats["in_mean"], stats["in_std"] = _mean_std(xf)
+    stats["out_mean"], stats["out_std"] = _mean_std(yf)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(weight, torch.Tensor):
+        stats["gamma_abs_mean"] = weight.detach().float().abs().mean()
+    if isinstance(bias, torch.Tensor):
+        stats["beta_mean"] = bias.detach().float().mean()
+    stats["effective_gain"] = effective_gain(module, xf, running)
+    if isinstance(module, _BATCHNORMS):
+        run = running or snapshot_running_stats(module)
+        if run is not None:
+            dims = [0, *range(2, xf.dim())]
+            batch_var, batch_mean = torch.var_mean(xf, dim=dims, correction=0)
+            run_mean, run_var = run[0].float(), run[1].float()
+            run_std = (run_var + module.eps).sqrt()
+            stats["running_mean_dist"] = ((batch_mean - run_mean).abs() / run_std).mean()
+            stats["running_std_ratio"] = ((batch_var + module.eps).sqrt() / run_std).mean()
+    return stats
+
+
+def activation_stats(module: nn.Module | None, a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean, std, saturated fraction and dead-unit fraction of a hidden layer's output ``a`` (see module docs).
+
+    Example:
+        >>> stats = activation_stats(nn.ReLU(), torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]]))
+        >>> round(float(stats["dead_frac"]), 4), "saturated_frac" in stats  # unit 0 never fires
+        (0.3333, False)
+        >>> float(activation_stats(nn.Tanh(), torch.tensor([[0.995, -0.5]]))["saturated_frac"])
+        0.5
+    """
+    af = a.detach().float()
+    stats: dict[str, torch.Tensor] = {}
+    stats["act_mean"], stats["act_std"] = _mean_std(af)
+    if isinstance(module, SATURATING_TANH):
+        stats["saturated_frac"] = (af.abs() > TANH_SATURATION).float().mean()
+    elif isinstance(module, SATURATING_SIGMOID):
+        low, high = SIGMOID_SATURATION, 1.0 - SIGMOID_SATURATION
+        stats["saturated_frac"] = ((af < low) | (af > high)).float().mean()
+    if isinstance(module, RELU_LIKE) and af.dim() >= 2:
+        units = af.transpose(0, 1).reshape(af.shape[1], -1)  # (C, N * positions)
+        stats["dead_frac"] = (units.amax(dim=1) <= 0).float().mean()
+    return stats
+
