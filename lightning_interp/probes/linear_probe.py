@@ -33,7 +33,8 @@ class LinearProbe(nn.Module):
     def __init__(self, in_features: int, num_classes: int, momentum: float = 0.05, seed: int = 0) -> None:
         super().__init__()
         self.momentum = momentum
-        self.linear = nn.Linear(in_features, num_classes)
+        # skip_init: nn.Linear's own initialisation would draw from the global RNG and change the user's run
+        self.linear = nn.utils.skip_init(nn.Linear, in_features, num_classes)
         generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / max(in_features, 1) ** 0.5
         with torch.no_grad():
