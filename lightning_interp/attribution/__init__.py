@@ -7,6 +7,14 @@ from lightning_interp.attribution.gradients import (
     saliency,
     smoothgrad,
 )
+from lightning_interp.attribution.representer import (
+    RepresenterFit,
+    RepresenterTopK,
+    SuspectRanking,
+    fit_representer,
+    suspect_labels,
+)
+from lightning_interp.attribution.similarity import Neighbors, SparseExamples, nearest_examples, sparse_examples
 
 __all__ = [
     "saliency",
@@ -14,4 +22,13 @@ __all__ = [
     "smoothgrad",
     "integrated_gradients",
     "guided_backprop",
+    "RepresenterFit",
+    "RepresenterTopK",
+    "SuspectRanking",
+    "fit_representer",
+    "suspect_labels",
+    "Neighbors",
+    "SparseExamples",
+    "nearest_examples",
+    "sparse_examples",
 ]
