@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp.callbacks import GradFlowMonitor, LinearProbeMonitor, NormStatsMonitor
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--norms", default=",".join(NORMS), help="comma-separated: " + ", ".join(NORMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (these networks are too small for more)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     args.out.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
