@@ -17,9 +17,9 @@ Target = int | Sequence[int] | torch.Tensor | None
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 # Points per forward/backward pass when the caller does not choose: large enough that per-call overhead is small,
-# small enough that activation memory stays bounded (about 2**19 input elements, 32..512 points).
+# small enough that activation memory stays bounded (about 2**19 input elements, 32..2048 points).
 _CHUNK_ELEMENTS = 2**19
-_MIN_CHUNK, _MAX_CHUNK = 32, 512
+_MIN_CHUNK, _MAX_CHUNK = 32, 2048
 
 
 def as_target(target: Target, batch_size: int, device: torch.device) -> torch.Tensor | None:
