@@ -62,9 +62,28 @@ _INSTANCENORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _BATCHED_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 
 
-def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(x, correction=0)
-    return mean, var.sqrt()
+def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) mean and biased variance of ``x`` (N, C, ...), by two passes (about twice as fast as
+    ``torch.var_mean`` on CPU, and as accurate)."""
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).square().mean(dim=dims)
+    return mean.reshape(-1), var
+
+
+def _mean_std(
+    x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased std of all elements; from per-channel moments when given (every channel has the same
+    number of elements, so mean = mean of means and var = mean of variances + variance of means)."""
+    if moments is None:
+        if x.dim() < 2:
+            mean = x.mean()
+            return mean, (x - mean).square().mean().sqrt()
+        moments = _channel_moments(x)
+    means, variances = moments
+    mean = means.mean()
+    return mean, (variances.mean() + (means - mean).square().mean()).sqrt()
 
 
 def snapshot_running_stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -86,7 +105,10 @@ def _uses_batch_stats(module: nn.Module) -> bool:
 
 
 def divisor_std(
-    module: nn.Module, x: torch.Tensor, running: tuple[torch.Tensor, torch.Tensor] | None = None
+    module: nn.Module,
+    x: torch.Tensor,
+    running: tuple[torch.Tensor, torch.Tensor] | None = None,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The standard deviation(s) ``sqrt(var + eps)`` that ``module`` divides ``x`` by, shaped to broadcast
     against the layer's per-feature ``gamma`` after a leading batch dimension; ``None`` for unknown layer types.
@@ -104,8 +126,7 @@ def divisor_std(
     eps = getattr(module, "eps", None)
     if isinstance(module, _BATCHNORMS):
         if _uses_batch_stats(module):
-            dims = [0, *range(2, x.dim())]
-            return (x.var(dim=dims, correction=0) + eps).sqrt()
+            return ((moments or _channel_moments(x))[1] + eps).sqrt()
         var = (running or snapshot_running_stats(module))[1].float()
         return (var + eps).sqrt()
     if isinstance(module, _INSTANCENORMS):
@@ -130,7 +151,10 @@ def divisor_std(
 
 
 def effective_gain(
-    module: nn.Module, x: torch.Tensor, running: tuple[torch.Tensor, torch.Tensor] | None = None
+    module: nn.Module,
+    x: torch.Tensor,
+    running: tuple[torch.Tensor, torch.Tensor] | None = None,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean of ``|gamma| / sigma`` over examples and features: the factor ``g / sigma`` by which the layer scales
     (forward and backward) its centred input. ``nan`` for an unknown layer type.
@@ -142,7 +166,7 @@ def effective_gain(
         >>> float(effective_gain(ln, torch.tensor([[0.0, 2.0], [0.0, 4.0]])))  # sigmas 1 and 2: mean(3/1, 3/2)
         2.25
     """
-    sigma = divisor_std(module, x, running)
+    sigma = divisor_std(module, x, running, moments)
     if sigma is None:
         return torch.tensor(float("nan"), device=x.device)
     weight = getattr(module, "weight", None)
@@ -184,20 +208,21 @@ def norm_layer_stats(
         1.5
     """
     xf, yf = x.detach().float(), y.detach().float()
+    is_bn = isinstance(module, _BATCHNORMS)
+    moments = _channel_moments(xf) if is_bn else None  # computed once: global stats, sigma and running distance
     stats: dict[str, torch.Tensor] = {}
-    stats["in_mean"], stats["in_std"] = _mean_std(xf)
+    stats["in_mean"], stats["in_std"] = _mean_std(xf, moments)
     stats["out_mean"], stats["out_std"] = _mean_std(yf)
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(weight, torch.Tensor):
         stats["gamma_abs_mean"] = weight.detach().float().abs().mean()
     if isinstance(bias, torch.Tensor):
         stats["beta_mean"] = bias.detach().float().mean()
-    stats["effective_gain"] = effective_gain(module, xf, running)
-    if isinstance(module, _BATCHNORMS):
+    stats["effective_gain"] = effective_gain(module, xf, running, moments)
+    if is_bn:
         run = running or snapshot_running_stats(module)
         if run is not None:
-            dims = [0, *range(2, xf.dim())]
-            batch_var, batch_mean = torch.var_mean(xf, dim=dims, correction=0)
+            batch_mean, batch_var = moments
             run_mean, run_var = run[0].float(), run[1].float()
             run_std = (run_var + module.eps).sqrt()
             stats["running_mean_dist"] = ((batch_mean - run_mean).abs() / run_std).mean()
@@ -217,14 +242,14 @@ def activation_stats(module: nn.Module | None, a: torch.Tensor) -> dict[str, tor
     """
     af = a.detach().float()
     stats: dict[str, torch.Tensor] = {}
-    stats["act_mean"], stats["act_std"] = _mean_std(af)
+    stats["act_mean"], stats["act_std"] = _mean_std(af)  # a 0-dim or 1-dim output gets the direct formula
     if isinstance(module, SATURATING_TANH):
         stats["saturated_frac"] = (af.abs() > TANH_SATURATION).float().mean()
     elif isinstance(module, SATURATING_SIGMOID):
         low, high = SIGMOID_SATURATION, 1.0 - SIGMOID_SATURATION
         stats["saturated_frac"] = ((af < low) | (af > high)).float().mean()
     if isinstance(module, RELU_LIKE) and af.dim() >= 2:
-        units = af.transpose(0, 1).reshape(af.shape[1], -1)  # (C, N * positions)
-        stats["dead_frac"] = (units.amax(dim=1) <= 0).float().mean()
+        unit_max = af.amax(dim=[0, *range(2, af.dim())])  # per channel, over examples and positions
+        stats["dead_frac"] = (unit_max <= 0).float().mean()
     return stats
 
