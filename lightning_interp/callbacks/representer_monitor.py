@@ -122,6 +122,7 @@ class RepresenterMonitor(InterpCallback):
         self._capturing = False
         self._examples: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._pool: torch.Tensor | None = None
+        self._pool_index: torch.Tensor | None = None
         self._last_dump_step = -1
 
     @override
@@ -164,7 +165,7 @@ class RepresenterMonitor(InterpCallback):
         if source is not None:
             inputs, targets, _ = select_examples(source, self.num_examples, self.seed, self.batch_adapter)
             self._examples = (inputs, targets)
-            self._pool = select_examples(source, self.sparse_pool, self.seed, self.batch_adapter)[0]
+            self._pool, _, self._pool_index = select_examples(source, self.sparse_pool, self.seed, self.batch_adapter)
         else:
             self.problems.report("no_val_data", "no validation data; only suspect labels and alpha are shown")
 
@@ -292,7 +293,8 @@ class RepresenterMonitor(InterpCallback):
             pool = torch.cat([self._features(pl_module, p).cpu() for p in self._pool.split(self.batch_size)])
             sparse = sparse_examples(pool, feats, k=3, num=min(self.num_examples, len(pool)))
             near = nearest_examples(pool[sparse.indices], feats, k=self.k)
-            result["sparse"] = {"pool_rows": sparse.indices, "scores": sparse.scores, "neighbors": near.indices}
+            result["sparse"] = {"val_indices": self._pool_index[sparse.indices], "scores": sparse.scores,
+                                "neighbors": near.indices}  # fmt: skip
         return result
 
     # ---- artifacts (rank 0) -----------------------------------------------------------------------------------
@@ -323,9 +325,9 @@ class RepresenterMonitor(InterpCallback):
             else:
                 writer.add_text("representer/examples", self._table(examples, result), step)
             sparse = result["sparse"]
-            lines = [f"| {r + 1} | {int(sparse['pool_rows'][r])} | {float(sparse['scores'][r]):.3f} | "
+            lines = [f"| {r + 1} | {int(sparse['val_indices'][r])} | {float(sparse['scores'][r]):.3f} | "
                      f"{', '.join(str(int(result['indices'][j])) for j in sparse['neighbors'][r])} |"
-                     for r in range(len(sparse["pool_rows"]))]  # fmt: skip
+                     for r in range(len(sparse["val_indices"]))]  # fmt: skip
             writer.add_text("representer/sparse", "| rank | validation example | mean top-3 cosine | nearest train "
                             "indices |\n|---|---|---|---|\n" + "\n".join(lines), step)  # fmt: skip
         writer.flush()
