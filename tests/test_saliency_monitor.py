@@ -287,3 +287,25 @@ def test_randomization_check_is_logged_through_lightning(tmp_path):
     _, trainer = fit([monitor], max_epochs=1, logger=_logger(tmp_path), **FAST)
     value = trainer.callback_metrics["saliency/saliency/randomization_rank_corr"]
     assert -1.0 <= float(value) <= 1.0
+
+
+def test_maps_equal_the_captum_checked_functions(tmp_path):
+    """The monitor evaluates all gradient methods in one fused pass; its maps must equal the public functions'."""
+    from lightning_interp.attribution import input_x_gradient, integrated_gradients, saliency, smoothgrad
+
+    monitor = SaliencyMonitor(methods=ALL_METHODS, num_examples=4, smoothgrad_samples=3, ig_steps=5)
+    model, _ = fit([monitor], max_epochs=1, logger=_logger(tmp_path), **FAST)
+    model.eval()
+    x, y = monitor._examples
+    noise = monitor.smoothgrad_noise(x)
+    stdev = 0.15 * float(x.max() - x.min())
+    expected = {
+        "saliency": saliency(model, x, y),
+        "input_x_gradient": input_x_gradient(model, x, y),
+        "smoothgrad": smoothgrad(model, x, y, stdev, n_samples=3, noise=noise),
+        "integrated_gradients": integrated_gradients(model, x, y, n_steps=5),
+    }
+    for method, want in expected.items():
+        got = monitor.last_maps[method]
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5, method
+    assert float(noise.std()) == pytest.approx(stdev, rel=0.2)
