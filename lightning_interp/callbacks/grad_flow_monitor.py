@@ -132,7 +132,6 @@ class GradFlowMonitor(InterpCallback):
         self._active = False
         self._order: list[str] = []
         self._grad_norms: dict[str, torch.Tensor] = {}
-        self._grad_finite: list[torch.Tensor] = []
         self._gains: dict[str, torch.Tensor] = {}
         self._param_norms: dict[str, torch.Tensor] = {}
         self._scale = 1.0
@@ -188,8 +187,8 @@ class GradFlowMonitor(InterpCallback):
     def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
+                # a NaN/Inf anywhere in the gradient makes its norm NaN/Inf: checked on the norms, no extra pass
                 self._grad_norms[name] = per_example_grad_norm(grad)
-                self._grad_finite.append(torch.isfinite(grad).all())
 
         return hook
 
@@ -205,7 +204,7 @@ class GradFlowMonitor(InterpCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._active = logged_step(trainer)
-        self._order, self._grad_norms, self._grad_finite, self._gains = [], {}, [], {}
+        self._order, self._grad_norms, self._gains = [], {}, {}
         self._param_norms, self._scale = {}, 1.0
 
     @override
@@ -246,13 +245,11 @@ class GradFlowMonitor(InterpCallback):
             weights.append(self.output_layer)
         for name in dict.fromkeys(weights):
             tensors[f"spectral:{name}"] = self.power.step(name, weight_matrix(self._modules[name]))
-        if self._grad_finite:
-            tensors["finite"] = torch.stack(self._grad_finite).all().float()
         if not tensors:
             return None
         device = next(iter(tensors.values())).device
         numbers = torch.stack([t.reshape(()).float().to(device) for t in tensors.values()]).tolist()
-        self._grad_norms, self._grad_finite, self._gains, self._param_norms = {}, [], {}, {}
+        self._grad_norms, self._gains, self._param_norms = {}, {}, {}
         return dict(zip(tensors, numbers))
 
     def _flow(self, values: dict[str, float]) -> dict[str, float]:
@@ -261,7 +258,7 @@ class GradFlowMonitor(InterpCallback):
         hidden = [name for name in self._order if name != OUTPUT and f"norm:{name}" in values]
         norms = [values[f"norm:{name}"] / scale for name in hidden]
         output_norm = values[f"norm:{OUTPUT}"] / scale if f"norm:{OUTPUT}" in values else None
-        if "finite" in values and values["finite"] < 1.0:
+        if not all(math.isfinite(values[f"norm:{name}"]) for name in self._order if f"norm:{name}" in values):
             self.nonfinite_events += 1
             self.problems.report("nonfinite_gradients", "activation gradients held NaN/Inf; logged as they are")
         for name, norm in zip(hidden, norms):
@@ -353,7 +350,7 @@ class GradFlowMonitor(InterpCallback):
     def _release(self) -> None:
         super()._release()
         self._active = False
-        self._order, self._grad_norms, self._grad_finite, self._gains, self._param_norms = [], {}, [], {}, {}
+        self._order, self._grad_norms, self._gains, self._param_norms = [], {}, {}, {}
 
     # ---- state -----------------------------------------------------------------------------------------------
     @override
