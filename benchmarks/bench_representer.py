@@ -202,8 +202,8 @@ def main() -> None:
         rows.append(run_case(f"synthetic, n={n}, d={d}", *synthetic_case(n, d), budget_s=budget))
         print(rows[-1], flush=True)
     header = [
-        "case", "authors' GD: time", "their max|grad|", "their decomp. error", "ours to their max|grad|",
-        "ours to 1e-9 (default)", "our max|grad|", "our decomp. error",
+        "case", "authors' GD: time", "their max \\|grad\\|", "their decomp. error", "ours to their max \\|grad\\|",
+        "ours to 1e-9 (default)", "our max \\|grad\\|", "our decomp. error",
     ]  # fmt: skip
     suspects = suspect_comparison([0] if args.quick else [0, 1, 2], ["none", "batch"], epochs=15)
     print(f"\nMachine: {machine()}\n")

@@ -185,3 +185,11 @@ def test_tabular_inputs_give_text_table(tmp_path):
     assert "representer/examples/text_summary" in events.Tags()["tensors"]
     assert "representer/examples" not in events.Tags()["images"]
     assert not monitor.problems.counts.get("dump_failed")
+
+
+def test_end_of_fit_dump_when_epochs_do_not_divide(tmp_path):
+    monitor = _monitor(every_n_epochs=5)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    fit([monitor], max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=logger)
+    files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(logger.log_dir, "representer_epoch*.pt")))
+    assert files == ["representer_epoch1.pt"] and monitor.dumps == 1

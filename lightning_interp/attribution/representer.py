@@ -255,9 +255,11 @@ def fit_representer(
 ) -> RepresenterFit:
     """Refit a softmax head with L2 penalty ``lam`` to ``target_probs`` and return the representer weights.
 
-    Newton-CG in float64 (Hessian-vector products, Jacobi-preconditioned conjugate gradient with an adaptive
-    forcing term, Armijo backtracking), stopped at ``max |grad J| <= tol``. The objective is strictly convex, so
-    the optimum is unique and the start only changes the time taken.
+    Newton-CG (float64 objective and gradient; Hessian-vector products in float32, which only steer the search
+    direction; Jacobi-preconditioned conjugate gradient with an adaptive forcing term; Armijo backtracking), stopped
+    at ``max |grad J| <= tol``. The objective is strictly convex, so the optimum is unique and the start only
+    changes the time taken. If float64 rounding stops progress first, ``converged`` is False and ``stationarity``
+    says how close it got.
 
     Args:
         features: ``(n, d)`` inputs of the final linear layer (any float dtype; flattened when not 2-D).

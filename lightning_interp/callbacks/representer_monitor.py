@@ -124,6 +124,7 @@ class RepresenterMonitor(InterpCallback):
         self._pool: torch.Tensor | None = None
         self._pool_index: torch.Tensor | None = None
         self._last_dump_step = -1
+        self._epoch = 0
 
     @override
     def _config(self) -> dict[str, Any]:
@@ -174,6 +175,10 @@ class RepresenterMonitor(InterpCallback):
             self._captured.append(args[0].detach())
 
     # ---- when ----------------------------------------------------------------------------------------------------
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch = trainer.current_epoch  # at on_train_end the Trainer has already counted one epoch more
+
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -276,7 +281,7 @@ class RepresenterMonitor(InterpCallback):
                               init_weight=weight, init_bias=bias)  # fmt: skip
         agreement = float((fit.logits(feats).argmax(1) == model_logits.argmax(1)).double().mean())
         result: dict[str, Any] = {
-            "epoch": trainer.current_epoch, "alpha": fit.alpha.float(), "indices": index, "labels": labels,
+            "epoch": self._epoch, "alpha": fit.alpha.float(), "indices": index, "labels": labels,
             "predicted": model_logits.argmax(1), "stationarity": fit.stationarity,
             "decomposition_residual": fit.decomposition_residual, "agreement": agreement,
         }  # fmt: skip
