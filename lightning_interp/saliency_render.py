@@ -185,7 +185,8 @@ def tabular_chart(
     # bar chart: mean |attribution| per feature, tallest bar = 60 px
     means = np.abs(attr).mean(0)
     bar_h = 60
-    heights = np.zeros(n_features, dtype=int) if means.max() <= 0 else np.round(means / means.max() * bar_h).astype(int)
+    top = means.max(initial=0.0)
+    heights = np.zeros(n_features, dtype=int) if top <= 0 else np.round(means / top * bar_h).astype(int)
     bars = np.full((bar_h + 14, body.shape[1], 3), _PAPER, dtype=np.uint8)
     for j, h in enumerate(heights):
         x = caption_w + j * cell_w

@@ -95,11 +95,11 @@ def gradient_scope(model: Forward) -> Iterator[None]:
 
 
 def prepare_inputs(inputs: torch.Tensor) -> torch.Tensor:
-    """A detached, cloned copy usable by autograd (inference tensors cannot be); call inside :func:`gradient_scope`."""
+    """A detached clone usable by autograd (inference tensors cannot be); call inside :func:`gradient_scope`."""
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() < 1:
         raise LightningInterpError(
             "Expected argument `inputs` to be a floating-point tensor with a batch dimension, but got "
-            f"{type(inputs).__name__ if not isinstance(inputs, torch.Tensor) else f'{inputs.dtype} {tuple(inputs.shape)}'}."
+            + (f"{inputs.dtype} {tuple(inputs.shape)}." if isinstance(inputs, torch.Tensor) else f"{type(inputs).__name__}.")
         )
     return inputs.detach().clone()
 
@@ -107,7 +107,8 @@ def prepare_inputs(inputs: torch.Tensor) -> torch.Tensor:
 def chunk_size(internal_batch_size: int | None, example_shape: Sequence[int], total: int) -> int:
     """Points per pass: the caller's ``internal_batch_size``, else a size bounded by input elements."""
     if internal_batch_size is not None:
-        if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1:
+        bad = isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int)
+        if bad or internal_batch_size < 1:
             raise LightningInterpError(
                 f"Expected argument `internal_batch_size` to be an int >= 1 or None, but got {internal_batch_size!r}."
             )

@@ -117,7 +117,9 @@ class SaliencyMonitor(InterpCallback):
         self.num_examples = check_positive_int("num_examples", num_examples)
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.target = check_choice("target", target, ("label", "predicted"))
-        self.smoothgrad_stdev = None if smoothgrad_stdev is None else check_positive_float("smoothgrad_stdev", smoothgrad_stdev)
+        self.smoothgrad_stdev = (
+            None if smoothgrad_stdev is None else check_positive_float("smoothgrad_stdev", smoothgrad_stdev)
+        )
         self.smoothgrad_samples = check_positive_int("smoothgrad_samples", smoothgrad_samples)
         self.ig_steps = check_positive_int("ig_steps", ig_steps)
         self.randomization_check = bool(randomization_check)
@@ -128,14 +130,16 @@ class SaliencyMonitor(InterpCallback):
         self._given = inputs is not None
         self._examples: tuple[torch.Tensor, torch.Tensor | None] | None = None
         if inputs is not None:
-            if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or input_kind(inputs.shape) is None:
+            drawable = isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and input_kind(inputs.shape)
+            if not drawable:
                 raise LightningInterpError(
                     "Expected argument `inputs` to be a float tensor of images (K, 1|3, H, W), tabular rows (K, F) "
                     f"or sequences (K, T, D), but got {_describe(inputs)}."
                 )
             if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != inputs.shape[:1]):
                 raise LightningInterpError(
-                    f"Expected argument `targets` to be a tensor of shape ({inputs.shape[0]},), but got {_describe(targets)}."
+                    f"Expected argument `targets` to be a tensor of shape ({inputs.shape[0]},), "
+                    f"but got {_describe(targets)}."
                 )
             self._examples = (inputs.detach().clone(), None if targets is None else targets.detach().clone())
         self.last_maps: dict[str, torch.Tensor] = {}
@@ -157,7 +161,7 @@ class SaliencyMonitor(InterpCallback):
             "seed": self.seed,
         }
 
-    # ---- choosing the examples -----------------------------------------------------------------------------------
+    # ---- choosing the examples -----------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._random_state = None
@@ -179,7 +183,7 @@ class SaliencyMonitor(InterpCallback):
             return
         self._examples = (inputs, targets)
 
-    # ---- when --------------------------------------------------------------------------------------------------------
+    # ---- when ----------------------------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -190,7 +194,7 @@ class SaliencyMonitor(InterpCallback):
         if self._last_dump_step != trainer.global_step:
             self._dump(trainer, pl_module, log_scalars=False)  # Lightning allows no `log` call here
 
-    # ---- the dump ------------------------------------------------------------------------------------------------------
+    # ---- the dump ------------------------------------------------------------------------------------------
     def _dump(self, trainer: Trainer, pl_module: LightningModule, log_scalars: bool) -> None:
         if self._examples is None:
             return
@@ -224,7 +228,8 @@ class SaliencyMonitor(InterpCallback):
         self.dumps += 1
         captions = [self._caption(labels, predicted, probability, i) for i in range(x.shape[0])]
         for method, maps in self.last_maps.items():
-            writer.add_image(f"saliency/{method}/examples", self._draw(x, maps, method, captions), trainer.global_step, dataformats="HWC")
+            picture = self._draw(x, maps, method, captions)
+            writer.add_image(f"saliency/{method}/examples", picture, trainer.global_step, dataformats="HWC")
         writer.add_text("saliency/predictions", self._table(labels, predicted, probability), trainer.global_step)
         writer.flush()
 
@@ -246,7 +251,9 @@ class SaliencyMonitor(InterpCallback):
             targets = predicted
             if self.target == "label" and labels is not None:
                 if labels.is_floating_point() or labels.dim() != 1:
-                    self.problems.report("bad_labels", "labels are not class indices; the predicted class is explained")
+                    self.problems.report(
+                        "bad_labels", "labels are not class indices; the predicted class is explained"
+                    )
                 else:
                     targets = labels.to(device)
             self.last_maps = {k: v.cpu() for k, v in self._attribute_all(model, x, targets).items()}
@@ -256,7 +263,9 @@ class SaliencyMonitor(InterpCallback):
                 for method, other in self._attribute_all(randomized, x, targets).items():
                     correlations[method] = _rank_correlation(self.last_maps[method], other.cpu())
         except Exception as err:  # noqa: BLE001 - a failing dump must never stop training
-            self.problems.report("dump_failed", f"a saliency dump failed ({type(err).__name__}: {err}); training continues")
+            self.problems.report(
+                "dump_failed", f"a saliency dump failed ({type(err).__name__}: {err}); training continues"
+            )
             self.last_maps = {}
             return None
         return (self._examples[0], labels, predicted.cpu(), probability.cpu()), correlations
@@ -279,7 +288,10 @@ class SaliencyMonitor(InterpCallback):
         if "integrated_gradients" in self.methods:
             alphas, _ = quadrature("gausslegendre", self.ig_steps)
             alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
-            parts["integrated_gradients"] = ((alpha.view(view) * x.unsqueeze(1)).flatten(0, 1), targets.repeat_interleave(self.ig_steps))
+            parts["integrated_gradients"] = (
+                (alpha.view(view) * x.unsqueeze(1)).flatten(0, 1),  # example-major: (batch, steps, ...)
+                targets.repeat_interleave(self.ig_steps),
+            )
         maps: dict[str, torch.Tensor] = {}
         if parts:
             points = torch.cat([p for p, _ in parts.values()])
@@ -288,7 +300,10 @@ class SaliencyMonitor(InterpCallback):
             grads = torch.empty_like(points)
             with gradient_scope(model):
                 chunk = chunk_size(None, shape, points.shape[0])
-                for start, stop, g in input_gradients(model, points.shape[0], lambda a, b: points[a:b], lambda a, b: rows[a:b], chunk):
+                passes = input_gradients(
+                    model, points.shape[0], lambda a, b: points[a:b], lambda a, b: rows[a:b], chunk
+                )
+                for start, stop, g in passes:
                     grads[start:stop] = g
             offset = 0
             for name, (p, _) in parts.items():
@@ -326,13 +341,15 @@ class SaliencyMonitor(InterpCallback):
             self._random_state = _reinitialised_state(model, self.seed)
         return self._random_state
 
-    # ---- drawing -----------------------------------------------------------------------------------------------------
+    # ---- drawing -------------------------------------------------------------------------------------------
     def _name(self, cls: int) -> str:
         if self.class_names is not None and 0 <= cls < len(self.class_names):
             return self.class_names[cls][:10]
         return str(cls)
 
-    def _caption(self, labels: torch.Tensor | None, predicted: torch.Tensor, probability: torch.Tensor, i: int) -> list[str]:
+    def _caption(
+        self, labels: torch.Tensor | None, predicted: torch.Tensor, probability: torch.Tensor, i: int
+    ) -> list[str]:
         lines = []
         if labels is not None and labels.dim() == 1 and not labels.is_floating_point():
             lines.append(f"label {self._name(int(labels[i]))}")
@@ -355,7 +372,7 @@ class SaliencyMonitor(InterpCallback):
             rows.append(f"| {i} | {label} | {self._name(int(predicted[i]))} | {float(probability[i]):.3f} |")
         return "\n".join(rows)
 
-    # ---- state ---------------------------------------------------------------------------------------------------------
+    # ---- state ---------------------------------------------------------------------------------------------
     @override
     def _state(self) -> dict[str, Any]:
         return {"dumps": self.dumps, "last_dump_step": self._last_dump_step}
