@@ -81,7 +81,9 @@ def authors_procedure(
     return best, it + 1, finished
 
 
-def stationarity_and_residual(features: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, lam: float) -> tuple[float, float]:
+def stationarity_and_residual(
+    features: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, lam: float
+) -> tuple[float, float]:
     """max |grad J| and the relative decomposition error of a head ``w`` (bias column last), in float64."""
     f = torch.cat([features, torch.ones(len(features), 1)], 1).double()
     p, w = probs.double(), w.double()
@@ -173,11 +175,15 @@ def run_case(
     name: str, feats: torch.Tensor, probs: torch.Tensor, head: torch.Tensor, budget_s: float, lam: float = 0.003
 ) -> list:
     repeats = 5 if len(feats) * feats.shape[1] < 200_000 else 1  # small cases: median of 5 against noise
-    t_theirs, (w_theirs, iters, finished) = _timed(lambda: authors_procedure(feats, probs, head, lam, budget_s=budget_s), repeats)
+    t_theirs, (w_theirs, iters, finished) = _timed(
+        lambda: authors_procedure(feats, probs, head, lam, budget_s=budget_s), repeats
+    )
     s_theirs, r_theirs = stationarity_and_residual(feats, probs, w_theirs, lam)
-    init = (head[:, :-1], head[:, -1])
-    t_matched, _ = _timed(lambda: fit_representer(feats, probs, lam=lam, tol=s_theirs, init_weight=init[0], init_bias=init[1]), repeats)
-    t_ours, ours = _timed(lambda: fit_representer(feats, probs, lam=lam, init_weight=init[0], init_bias=init[1]), repeats)
+    weight, bias = head[:, :-1], head[:, -1]
+    t_matched, _ = _timed(
+        lambda: fit_representer(feats, probs, lam=lam, tol=s_theirs, init_weight=weight, init_bias=bias), repeats
+    )
+    t_ours, ours = _timed(lambda: fit_representer(feats, probs, lam=lam, init_weight=weight, init_bias=bias), repeats)
     mark = "" if finished else " (cut off)"
     prefix = "" if finished else ">= "
     return [

@@ -193,3 +193,14 @@ def test_end_of_fit_dump_when_epochs_do_not_divide(tmp_path):
     fit([monitor], max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=logger)
     files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(logger.log_dir, "representer_epoch*.pt")))
     assert files == ["representer_epoch1.pt"] and monitor.dumps == 1
+
+
+def test_state_dict_round_trip_and_repr():
+    monitor = _monitor()
+    fit([monitor], max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    state = monitor.state_dict()
+    fresh = _monitor()
+    assert fresh.state_key == monitor.state_key
+    fresh.load_state_dict(state)
+    assert fresh.dumps == monitor.dumps == 1
+    assert "every_n_epochs=1" in repr(fresh) and "max_train_examples=300" in repr(fresh)

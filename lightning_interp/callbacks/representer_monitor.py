@@ -103,7 +103,9 @@ class RepresenterMonitor(InterpCallback):
         super().__init__()
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         if layer is not None and not isinstance(layer, str):
-            raise LightningInterpError(f"Expected argument `layer` to be a module name (str) or None, but got {layer!r}.")
+            raise LightningInterpError(
+                f"Expected argument `layer` to be a module name (str) or None, but got {layer!r}."
+            )
         self.layer = layer
         self.lam = check_positive_float("lam", lam)
         self.num_examples = check_positive_int("num_examples", num_examples)
@@ -318,8 +320,8 @@ class RepresenterMonitor(InterpCallback):
             rows = [f"| {r + 1} | {int(suspects['indices'][r])} | {int(result['labels'][suspects['rows'][r]])} | "
                     f"{int(result['predicted'][suspects['rows'][r]])} | {float(suspects['scores'][r]):.4g} | "
                     f"{float(suspects['model_loss'][r]):.3g} |" for r in range(len(suspects["rows"]))]  # fmt: skip
-            writer.add_text("representer/suspects", "| rank | train index | given | predicted | alpha at given "
-                            "(label refit) | model loss |\n|---|---|---|---|---|---|\n" + "\n".join(rows), step)  # fmt: skip
+            header = "| rank | train index | given | predicted | alpha at given (label refit) | model loss |\n"
+            writer.add_text("representer/suspects", header + "|---|---|---|---|---|---|\n" + "\n".join(rows), step)
         examples = result.get("examples")
         if examples is not None:
             dataset = self._train_dataset(trainer)
