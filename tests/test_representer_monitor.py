@@ -204,3 +204,17 @@ def test_state_dict_round_trip_and_repr():
     fresh.load_state_dict(state)
     assert fresh.dumps == monitor.dumps == 1
     assert "every_n_epochs=1" in repr(fresh) and "max_train_examples=300" in repr(fresh)
+
+
+class _HeadTwice(DigitsCNN):
+    def forward(self, x):
+        features = self.net[:-1](x)
+        return self.net.fc2(features) + 0 * self.net.fc2(features)
+
+
+def test_bad_runtime_features_warn_and_training_continues():
+    monitor = _monitor()
+    with pytest.warns(UserWarning, match="representer dump failed"):
+        model, trainer = fit([monitor], model_fn=_HeadTwice, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+    assert trainer.current_epoch == 2 and monitor.problems.counts["dump_failed"] == 2 and monitor.dumps == 0
+    assert torch.isnan(trainer.callback_metrics["representer/stationarity"])
