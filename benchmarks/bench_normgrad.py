@@ -6,9 +6,9 @@ step-time ratio with/without each monitor and with both, side by side in one run
 
 Both monitors work only on steps whose metrics Lightning writes (``log_every_n_steps``, default 50); the other
 steps pay a flag check. So two numbers per configuration: the median step time at the default frequency (an
-unlogged step), and the median step time with ``log_every_n_steps=1`` (every step logged), each as a ratio to the
-baseline of the same interleaved comparison. The amortized ratio at the default frequency is
-``(49 * unlogged ratio + logged ratio) / 50``. No logger is attached, so the per-epoch TensorBoard histograms and
+unlogged step), and the median step time with ``log_every_n_steps=1`` (every step logged), each as a ratio to
+the baseline of the same interleaved comparison. The amortized ratio at the default frequency is ``(49 *
+unlogged ratio + logged ratio) / 50``. No logger is attached, so the per-epoch TensorBoard histograms and
 figure are not timed (they happen once an epoch, outside the step).
 """
 
@@ -57,14 +57,31 @@ def main() -> None:
         ratio_unlogged = unlogged[name] / unlogged["without"]
         ratio_logged = logged[name] / logged["without"]
         amortized = ((DEFAULT_EVERY - 1) * ratio_unlogged + ratio_logged) / DEFAULT_EVERY
-        rows.append([
-            name, f"{unlogged[name] * 1e3:.0f}", f"{ratio_unlogged:.3f}x", f"{logged[name] * 1e3:.0f}",
-            f"{ratio_logged:.3f}x", f"{amortized:.3f}x",
-        ])  # fmt: skip
+        rows.append(
+            [
+                name,
+                f"{unlogged[name] * 1e3:.0f}",
+                f"{ratio_unlogged:.3f}x",
+                f"{logged[name] * 1e3:.0f}",
+                f"{ratio_logged:.3f}x",
+                f"{amortized:.3f}x",
+            ]
+        )
     print(f"\nResNet-18 width {width}, 3x32x32, batch 128, {steps} steps x {repeats} repeats, interleaved")
     print(f"Machine: {machine()}\n")
-    print(table(rows, ["monitors", "unlogged step ms", "ratio (unlogged)", "logged step ms", "ratio (logged)",
-                       f"amortized ratio at log_every_n_steps={DEFAULT_EVERY}"]))  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                "monitors",
+                "unlogged step ms",
+                "ratio (unlogged)",
+                "logged step ms",
+                "ratio (logged)",
+                f"amortized ratio at log_every_n_steps={DEFAULT_EVERY}",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

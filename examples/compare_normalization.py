@@ -4,8 +4,9 @@ with NormStatsMonitor, GradFlowMonitor and LinearProbeMonitor, and compare the r
     python examples/compare_normalization.py --out runs/normalization --epochs 8
 
 Writes one TensorBoard run per variant under ``--out`` (``mlp-batch``, ``mlp-none``, ``cnn-layer``, ...), then
-``--out/compare.md`` and ``--out/compare.png`` (the same as ``lightning-interp compare --out``), and prints the table.
-``tensorboard --logdir <out>`` shows the curves; the custom-scalars tab has one chart per statistic.
+``--out/compare.md`` and ``--out/compare.png`` (the same as ``lightning-interp compare --out``), and prints
+the table. ``tensorboard --logdir <out>`` shows the curves; the custom-scalars tab has one chart per
+statistic.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def build(model: str, norm: str, depth: int) -> L.LightningModule:
 
 
 def probe_layers(model: str, depth: int) -> list[str] | None:
-    """The CNN's four hidden layers; for the deep MLP every fourth one and the last (probes cost per layer)."""
+    """The CNN's four hidden layers; for the deep MLP every fourth one and the last (probes cost per
+    layer)."""
     if model != "mlp":
         return None
     return ["input"] + [f"net.act{i}" for i in sorted({*range(0, depth, 4), depth - 1})]
@@ -74,7 +76,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--norms", default=",".join(NORMS), help="comma-separated: " + ", ".join(NORMS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (these networks are too small for more)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (these networks are too small for more)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -1,11 +1,13 @@
-"""``lightning-interp compare RUNS_DIR``: read the TensorBoard event files of several runs and put them side by side.
+"""``lightning-interp compare RUNS_DIR``: read the TensorBoard event files of several runs and put them side
+by side.
 
-Every folder under ``RUNS_DIR`` that holds ``events.out.tfevents.*`` files is a run; its name is its path relative
-to ``RUNS_DIR`` without Lightning's ``lightning_logs`` / ``version_N`` parts (the newest folder wins when two map
-to the same name). Read with TensorBoard's own ``EventAccumulator``; the tags are those the package's models and
-callbacks write: ``val_acc`` (and ``epoch``), ``probe/val_acc/<layer>`` (LinearProbeMonitor),
-``gradflow/total/cum_product`` (GradFlowMonitor), ``norm/total/effective_gain``, ``norm/total/dead_frac`` and
-``norm/total/saturated_frac`` (NormStatsMonitor). A run without some tag shows "—" there.
+Every folder under ``RUNS_DIR`` that holds ``events.out.tfevents.*`` files is a run; its name is its path
+relative to ``RUNS_DIR`` without Lightning's ``lightning_logs`` / ``version_N`` parts (the newest folder wins
+when two map to the same name). Read with TensorBoard's own ``EventAccumulator``; the tags are those the
+package's models and callbacks write: ``val_acc`` (and ``epoch``), ``probe/val_acc/<layer>``
+(LinearProbeMonitor), ``gradflow/total/cum_product`` (GradFlowMonitor), ``norm/total/effective_gain``,
+``norm/total/dead_frac`` and ``norm/total/saturated_frac`` (NormStatsMonitor). A run without some tag shows
+"—" there.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from pathlib import Path
 
 from lightning_interp.errors import LightningInterpError
 
-__all__ = ["RunSummary", "find_runs", "read_run", "compare_runs", "summary_table", "write_figure", "compare_command"]
+__all__ = [
+    "RunSummary",
+    "find_runs",
+    "read_run",
+    "compare_runs",
+    "summary_table",
+    "write_figure",
+    "compare_command",
+]
 
 TARGET_ACCURACY = 0.9
 _VERSION = re.compile(r"^(lightning_logs|version_\d+)$")
@@ -119,7 +129,8 @@ def compare_runs(runs_dir: str | os.PathLike[str]) -> list[RunSummary]:
     root = Path(runs_dir)
     if not root.is_dir():
         raise LightningInterpError(
-            f"Expected argument `runs_dir` to be a folder of TensorBoard runs, but {str(root)!r} is not a folder."
+            f"Expected argument `runs_dir` to be a folder of TensorBoard runs, but {str(root)!r} "
+            "is not a folder."
         )
     runs = find_runs(root)
     if not runs:
@@ -140,20 +151,42 @@ def summary_table(runs: list[RunSummary]) -> str:
     """The side-by-side markdown table.
 
     Example:
-        >>> print(summary_table([RunSummary("mlp/batch", final_val_acc=0.95, epochs_to_target=3,
-        ...                                 probe_acc={"input": 0.9, "act0": 0.93}, median_cum_product=1.2)]))
-        | run | final val acc | epochs to 90% | probe val acc (input → output) | median grad product (in↔out) | mean eff. gain | dead frac | saturated frac |
-        |---|---|---|---|---|---|---|---|
+        >>> run = RunSummary("mlp/batch", final_val_acc=0.95, epochs_to_target=3,
+        ...                  probe_acc={"input": 0.9, "act0": 0.93}, median_cum_product=1.2)
+        >>> table = summary_table([run])
+        >>> print(table.splitlines()[0][:39])
+        | run | final val acc | epochs to 90% |
+        >>> print(table.splitlines()[2])
         | mlp/batch | 0.950 | 3 | 0.90 / 0.93 | 1.2 | — | — | — |
     """
-    header = ["run", "final val acc", f"epochs to {TARGET_ACCURACY:.0%}", "probe val acc (input → output)",
-              "median grad product (in↔out)", "mean eff. gain", "dead frac", "saturated frac"]  # fmt: skip
+    header = [
+        "run",
+        "final val acc",
+        f"epochs to {TARGET_ACCURACY:.0%}",
+        "probe val acc (input → output)",
+        "median grad product (in↔out)",
+        "mean eff. gain",
+        "dead frac",
+        "saturated frac",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         probes = " / ".join(f"{v:.2f}" for v in run.probe_acc.values()) or "—"
-        epochs = str(run.epochs_to_target) if run.epochs_to_target is not None else ("never" if run.val_acc_curve else "—")
-        cells = [run.name, _fmt(run.final_val_acc, ".3f"), epochs, probes, _fmt(run.median_cum_product, ".2g"),
-                 _fmt(run.mean_effective_gain, ".3g"), _fmt(run.dead_frac, ".3f"), _fmt(run.saturated_frac, ".3f")]  # fmt: skip
+        epochs = (
+            str(run.epochs_to_target)
+            if run.epochs_to_target is not None
+            else ("never" if run.val_acc_curve else "—")
+        )
+        cells = [
+            run.name,
+            _fmt(run.final_val_acc, ".3f"),
+            epochs,
+            probes,
+            _fmt(run.median_cum_product, ".2g"),
+            _fmt(run.mean_effective_gain, ".3g"),
+            _fmt(run.dead_frac, ".3f"),
+            _fmt(run.saturated_frac, ".3f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -165,7 +198,9 @@ def write_figure(runs: list[RunSummary], path: str | os.PathLike[str]) -> bool:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        warnings.warn("lightning-interp compare: matplotlib is not installed; no figure written.", stacklevel=2)
+        warnings.warn(
+            "lightning-interp compare: matplotlib is not installed; no figure written.", stacklevel=2
+        )
         return False
     fig = Figure(figsize=(15, 4.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -200,10 +235,11 @@ def compare_command(runs_dir: str | os.PathLike[str]) -> str:
     markdown = root / "compare.md"
     figure = root / "compare.png"
     notes = (
-        f"Runs under `{root}`. *epochs to {TARGET_ACCURACY:.0%}*: first epoch whose `val_acc` reached it. *probe val "
-        "acc*: final `probe/val_acc/<layer>`, input first. *median grad product*: median over logged steps of "
-        "`gradflow/total/cum_product` (gradient norm at the first watched layer / at the output; 1 = preserved, "
-        "<< 1 vanishing, >> 1 exploding). *mean eff. gain*: mean over steps of `norm/total/effective_gain` "
+        f"Runs under `{root}`. *epochs to {TARGET_ACCURACY:.0%}*: first epoch whose `val_acc` reached it. "
+        "*probe val acc*: final `probe/val_acc/<layer>`, input first. *median grad product*: median over "
+        "logged steps of `gradflow/total/cum_product` (gradient norm at the first watched layer / at the "
+        "output; 1 = preserved, << 1 vanishing, >> 1 exploding). *mean eff. gain*: mean over steps of "
+        "`norm/total/effective_gain` "
         "(mean |gamma|/sigma of the normalization layers). *dead / saturated frac*: final `norm/total/*`.\n"
     )
     markdown.write_text(f"# Comparison of {len(runs)} runs\n\n{table}\n\n{notes}", encoding="utf-8")

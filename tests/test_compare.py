@@ -35,8 +35,14 @@ def write_run(folder, val_acc, products, gains=(), dead=(), probes=None):
 
 @pytest.fixture
 def runs(tmp_path):
-    write_run(tmp_path / "bn" / "version_0", [0.5, 0.85, 0.91, 0.95], [1.0, 2.0, 4.0], gains=[2.0, 3.0, 7.0],
-              dead=[0.5, 0.25], probes={"net.act10": 0.9, "input": 0.8, "net.act2": 0.85})  # fmt: skip
+    write_run(
+        tmp_path / "bn" / "version_0",
+        [0.5, 0.85, 0.91, 0.95],
+        [1.0, 2.0, 4.0],
+        gains=[2.0, 3.0, 7.0],
+        dead=[0.5, 0.25],
+        probes={"net.act10": 0.9, "input": 0.8, "net.act2": 0.85},
+    )
     write_run(tmp_path / "plain" / "lightning_logs" / "version_3", [0.2, 0.3], [1e-5, 3e-5, 2e-5, 1e-6])
     (tmp_path / "notes").mkdir()
     return tmp_path
@@ -76,12 +82,21 @@ def test_reads_what_the_callbacks_write(tmp_path):
     for norm in ("batch", "none"):
         logger = TensorBoardLogger(str(tmp_path), name=f"cnn-{norm}", version=0)
         callbacks = [NormStatsMonitor(), GradFlowMonitor(), LinearProbeMonitor()]
-        fit(callbacks, lambda: DigitsCNN(norm=norm), max_epochs=2, limit_train_batches=4, limit_val_batches=1,
-            log_every_n_steps=2, logger=logger)  # fmt: skip
+        fit(
+            callbacks,
+            lambda: DigitsCNN(norm=norm),
+            max_epochs=2,
+            limit_train_batches=4,
+            limit_val_batches=1,
+            log_every_n_steps=2,
+            logger=logger,
+        )
     batch, none = compare_runs(tmp_path)
     assert batch.name == "cnn-batch" and none.name == "cnn-none"
     for run in (batch, none):
         assert 0.0 <= run.final_val_acc <= 1.0 and len(run.val_acc_curve) == 2
         assert list(run.probe_acc) == ["input", "net.relu1", "net.relu2", "net.relu3", "net.relu4"]
         assert run.median_cum_product > 0 and 0.0 <= run.dead_frac <= 1.0
-    assert batch.mean_effective_gain > 0 and none.mean_effective_gain != none.mean_effective_gain  # nan: no norm
+    assert (
+        batch.mean_effective_gain > 0 and none.mean_effective_gain != none.mean_effective_gain
+    )  # nan: no norm

@@ -1,5 +1,6 @@
-"""GradFlowMonitor and lightning_interp.stats.grad_flow: exactness against autograd.grad by hand, spectral norms
-against torch.linalg, the vanishing-gradient science, zero interference, hooks, precision, NaN/Inf, arguments."""
+"""GradFlowMonitor and lightning_interp.stats.grad_flow: exactness against autograd.grad by hand, spectral
+norms against torch.linalg, the vanishing-gradient science, zero interference, hooks, precision, NaN/Inf,
+arguments."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def reference_flow(model: DeepMLP, batch) -> dict[str, float]:
 
 
 class Recorder(Callback):
-    """Computes the reference before each step, snapshots the monitor's values and the spectral norms after it."""
+    """Computes the reference before each step; snapshots the monitor's values and the spectral norms after
+    it."""
 
     def __init__(self, monitor: GradFlowMonitor) -> None:
         self.monitor = monitor
@@ -90,8 +92,11 @@ class Recorder(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.logged.append(dict(self.monitor.last))
         self.spectral.append(
-            {name: float(torch.linalg.matrix_norm(m.weight.detach(), 2)) for name, m in pl_module.named_modules()
-             if isinstance(m, nn.Linear)}  # fmt: skip
+            {
+                name: float(torch.linalg.matrix_norm(m.weight.detach(), 2))
+                for name, m in pl_module.named_modules()
+                if isinstance(m, nn.Linear)
+            }
         )
 
 
@@ -102,7 +107,14 @@ def small_mlp() -> DeepMLP:
 def test_gradient_norms_gains_products_match_autograd_by_hand():
     monitor = GradFlowMonitor()
     recorder = Recorder(monitor)
-    fit([monitor, recorder], small_mlp, max_epochs=1, limit_train_batches=4, limit_val_batches=0, log_every_n_steps=1)
+    fit(
+        [monitor, recorder],
+        small_mlp,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     assert len(recorder.expected) == 4
     checked = 0
     for expected, logged, params in zip(recorder.expected, recorder.logged, recorder.params):
@@ -126,11 +138,21 @@ def test_gradient_norms_gains_products_match_autograd_by_hand():
 def test_spectral_norms_converge_to_matrix_norm():
     monitor = GradFlowMonitor()
     recorder = Recorder(monitor)
-    fit([monitor, recorder], small_mlp, max_epochs=1, limit_train_batches=20, limit_val_batches=0, log_every_n_steps=1)
-    # one power-iteration step per logged step; measured errors: ~25% at step 0, ~2% at step 10, < 0.2% at step 20
+    fit(
+        [monitor, recorder],
+        small_mlp,
+        max_epochs=1,
+        limit_train_batches=20,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
+    # one power-iteration step per logged step; measured errors: ~25% at step 0, ~2% at step 10, < 0.2% at
+    # step 20
     final_logged, final_true = recorder.logged[-1], recorder.spectral[-1]
     for name in ["net.fc0", "net.fc1", "net.fc2", "net.fc3", "net.head"]:
-        assert final_logged[f"gradflow/{name}/spectral_norm"] == pytest.approx(final_true[name], rel=0.01), name
+        assert final_logged[f"gradflow/{name}/spectral_norm"] == pytest.approx(final_true[name], rel=0.01), (
+            name
+        )
     # after one step the estimate is a lower bound that is not yet there (the test can fail)
     first = recorder.logged[0]["gradflow/net.fc1/spectral_norm"]
     assert first <= recorder.spectral[0]["net.fc1"] * (1 + 1e-5)
@@ -141,12 +163,15 @@ def test_power_iteration_on_conv_kernel_matrix():
     power = PowerIteration(seed=1)
     for _ in range(30):
         sigma = power.step("conv", conv.weight.reshape(8, -1))
-    assert float(sigma) == pytest.approx(float(torch.linalg.matrix_norm(conv.weight.detach().reshape(8, -1), 2)), rel=1e-3)
+    assert float(sigma) == pytest.approx(
+        float(torch.linalg.matrix_norm(conv.weight.detach().reshape(8, -1), 2)), rel=1e-3
+    )
 
 
-# ---- the science ---------------------------------------------------------------------------------------------
-# Deep tanh MLP (16 hidden layers, PyTorch's default init): without normalization the gradient at the first hidden
-# layer is < 1e-2 of the output's (measured ~1e-4); with BatchNorm or LayerNorm the product stays in [0.1, 10]
+# ---- the science
+# --------------------------------------------------------------------------------------------- Deep tanh MLP
+# (16 hidden layers, PyTorch's default init): without normalization the gradient at the first hidden layer is
+# < 1e-2 of the output's (measured ~1e-4); with BatchNorm or LayerNorm the product stays in [0.1, 10]
 # (measured 0.3-4.4 over the first 20 steps at depth 20).
 VANISHING_BELOW = 1e-2
 PRESERVED_BAND = (0.1, 10.0)
@@ -163,8 +188,14 @@ def test_normalization_keeps_the_cumulative_gradient_product_near_one(norm):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit([monitor, Collect()], lambda: DeepMLP(depth=16, norm=norm, activation="tanh"), max_epochs=1,
-            limit_train_batches=6, limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
+        fit(
+            [monitor, Collect()],
+            lambda: DeepMLP(depth=16, norm=norm, activation="tanh"),
+            max_epochs=1,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+        )
     at_init, after = products[0], products[-1]
     if norm == "none":
         assert at_init < VANISHING_BELOW and after < VANISHING_BELOW
@@ -177,13 +208,20 @@ def test_normalization_keeps_the_cumulative_gradient_product_near_one(norm):
 def test_vanishing_warns_once_and_counts_events():
     monitor = GradFlowMonitor(band=(1e-2, 1e2))
     with pytest.warns(UserWarning, match="vanishing gradients") as record:
-        fit([monitor], lambda: DeepMLP(depth=16, norm="none"), max_epochs=1, limit_train_batches=4,
-            limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
+        fit(
+            [monitor],
+            lambda: DeepMLP(depth=16, norm="none"),
+            max_epochs=1,
+            limit_train_batches=4,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+        )
     assert sum("vanishing" in str(w.message) for w in record) == 1
     assert monitor.flow_events == 4 and monitor.last["gradflow/total/flow_events"] == 4.0
 
 
-# ---- non-negotiables -------------------------------------------------------------------------------------------
+# ---- non-negotiables
+# -------------------------------------------------------------------------------------------
 def test_zero_interference_bitwise(tmp_path):
     kwargs = dict(max_epochs=2, limit_train_batches=5, limit_val_batches=2, log_every_n_steps=1)
     baseline, _ = fit([], **kwargs)
@@ -201,7 +239,14 @@ def test_logs_only_on_logged_steps_and_writes_figure(tmp_path):
     calls = []
     original = monitor._collect
     monitor._collect = lambda: calls.append(1) or original()  # type: ignore[method-assign]
-    fit([monitor], max_epochs=1, limit_train_batches=7, limit_val_batches=0, log_every_n_steps=3, logger=logger)
+    fit(
+        [monitor],
+        max_epochs=1,
+        limit_train_batches=7,
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        logger=logger,
+    )
     assert len(calls) == 2  # steps 2 and 5 of 0..6
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -228,7 +273,10 @@ def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
         assert count_hooks(model) == before and len(monitor.hooks) == 0
     assert seen[0] == seen[-1] == before + 4 + 1 + 4  # hidden layers, output layer, normalizations
 
-    for error, expected in [(RuntimeError("raised on purpose"), RuntimeError), (KeyboardInterrupt(), SystemExit)]:
+    for error, expected in [
+        (RuntimeError("raised on purpose"), RuntimeError),
+        (KeyboardInterrupt(), SystemExit),
+    ]:
 
         class Raise(Callback):
             def on_train_batch_end(self, *args):
@@ -237,7 +285,9 @@ def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
         model = DigitsCNN()
         monitor = GradFlowMonitor()
         with pytest.raises(expected):
-            quiet_trainer([monitor, Raise()], max_epochs=1, log_every_n_steps=1).fit(model, DigitsDataModule())
+            quiet_trainer([monitor, Raise()], max_epochs=1, log_every_n_steps=1).fit(
+                model, DigitsDataModule()
+            )
         assert count_hooks(model) == 0 and len(monitor.hooks) == 0
 
 
@@ -288,8 +338,15 @@ class _InfGrad(torch.autograd.Function):
 class PoisonedMLP(ClassifierModule):
     def __init__(self, kind: str) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), Poison(1, kind), nn.Linear(16, 16),
-                                 nn.Tanh(), nn.Linear(16, 10))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 16),
+            nn.Tanh(),
+            Poison(1, kind),
+            nn.Linear(16, 16),
+            nn.Tanh(),
+            nn.Linear(16, 10),
+        )
         from torchmetrics.classification import MulticlassAccuracy
 
         self.val_accuracy = MulticlassAccuracy(10)
@@ -299,8 +356,14 @@ class PoisonedMLP(ClassifierModule):
 def test_nan_and_inf_are_counted_not_fatal(kind):
     monitor = GradFlowMonitor()
     with pytest.warns(UserWarning, match="NaN/Inf"):
-        fit([monitor], lambda: PoisonedMLP(kind), max_epochs=1, limit_train_batches=3, limit_val_batches=0,
-            log_every_n_steps=1)  # fmt: skip
+        fit(
+            [monitor],
+            lambda: PoisonedMLP(kind),
+            max_epochs=1,
+            limit_train_batches=3,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+        )
     assert monitor.nonfinite_events >= 1
     assert monitor.last["gradflow/total/nonfinite_events"] >= 1
 
@@ -308,9 +371,12 @@ def test_nan_and_inf_are_counted_not_fatal(kind):
 def test_chain_links_and_param_grouping():
     model = DigitsCNN(norm="group")
     links, output = chain_links(model, ["net.relu1", "net.relu2", "net.relu3", "net.relu4"])
-    assert [(l.weight, l.norm) for l in links] == [
-        ("net.conv1", "net.norm1"), ("net.conv2", "net.norm2"), ("net.conv3", "net.norm3"), ("net.fc1", "net.norm4")
-    ]  # fmt: skip
+    assert [(link.weight, link.norm) for link in links] == [
+        ("net.conv1", "net.norm1"),
+        ("net.conv2", "net.norm2"),
+        ("net.conv3", "net.norm3"),
+        ("net.fc1", "net.norm4"),
+    ]
     assert output == "net.fc2"
     model(torch.randn(4, 1, 8, 8)).sum().backward()
     norms = param_grad_norms(model)

@@ -35,17 +35,21 @@ def bn_reference(x: np.ndarray, y: np.ndarray, gamma, beta, run_mean, run_var, e
     sigma = np.sqrt((batch_var if training else run_var) + eps)
     run_std = np.sqrt(run_var + eps)
     return {
-        "in_mean": x.mean(), "in_std": x.std(), "out_mean": y.mean(), "out_std": y.std(),
-        "gamma_abs_mean": np.abs(gamma).mean(), "beta_mean": beta.mean(),
+        "in_mean": x.mean(),
+        "in_std": x.std(),
+        "out_mean": y.mean(),
+        "out_std": y.std(),
+        "gamma_abs_mean": np.abs(gamma).mean(),
+        "beta_mean": beta.mean(),
         "effective_gain": (np.abs(gamma) / sigma).mean(),
         "running_mean_dist": (np.abs(batch_mean - run_mean) / run_std).mean(),
         "running_std_ratio": (np.sqrt(batch_var + eps) / run_std).mean(),
-    }  # fmt: skip
+    }
 
 
 class CaptureNorm1(Callback):
-    """Before each step: the input of ``net.norm1`` from a hook-free copy, and the running statistics before the
-    step; after it, the monitor's values."""
+    """Before each step: the input of ``net.norm1`` from a hook-free copy, and the running statistics before
+    the step; after it, the monitor's values."""
 
     def __init__(self, monitor: NormStatsMonitor) -> None:
         self.monitor = monitor
@@ -62,7 +66,9 @@ class CaptureNorm1(Callback):
         run_mean, run_var = np_(bn.running_mean), np_(bn.running_var)
         y = clone.net.norm1(x)
         gamma, beta = np_(bn.weight), np_(bn.bias)
-        self.expected.append(bn_reference(np_(x), np_(y), gamma, beta, run_mean, run_var, bn.eps, training=True))
+        self.expected.append(
+            bn_reference(np_(x), np_(y), gamma, beta, run_mean, run_var, bn.eps, training=True)
+        )
         h = clone.net.relu2(clone.net.norm2(clone.net.conv2(clone.net.relu1(y))))
         self.expected[-1]["relu2_dead"] = float((np_(h).max(axis=(0, 2, 3)) <= 0).mean())
         self.expected[-1]["relu2_mean"] = float(np_(h).mean())
@@ -74,8 +80,14 @@ class CaptureNorm1(Callback):
 def test_batchnorm_train_mode_statistics_match_hand_computation():
     monitor = NormStatsMonitor()
     capture = CaptureNorm1(monitor)
-    fit([monitor, capture], lambda: DigitsCNN(norm="batch"), max_epochs=1, limit_train_batches=3,
-        limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
+    fit(
+        [monitor, capture],
+        lambda: DigitsCNN(norm="batch"),
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     for expected, logged in zip(capture.expected, capture.logged):
         for stat, value in expected.items():
             if stat.startswith("relu2"):
@@ -99,16 +111,34 @@ def test_batchnorm_eval_mode_uses_running_statistics():
     x = torch.randn(8, 4, 3, 3) * 2 + 1
     y = bn(x)
     stats = norm_layer_stats(bn, x, y)
-    expected = bn_reference(np_(x), np_(y), np_(bn.weight), np_(bn.bias), np_(bn.running_mean),
-                            np_(bn.running_var), bn.eps, training=False)  # fmt: skip
+    expected = bn_reference(
+        np_(x),
+        np_(y),
+        np_(bn.weight),
+        np_(bn.bias),
+        np_(bn.running_mean),
+        np_(bn.running_var),
+        bn.eps,
+        training=False,
+    )
     for stat, value in expected.items():
         assert float(stats[stat]) == pytest.approx(value, rel=RTOL), stat
     # and train mode on the same input divides by the batch statistics instead
     bn.train()
     train_gain = float(effective_gain(bn, x))
     assert train_gain == pytest.approx(
-        bn_reference(np_(x), np_(y), np_(bn.weight), np_(bn.bias), np_(bn.running_mean), np_(bn.running_var),
-                     bn.eps, training=True)["effective_gain"], rel=RTOL)  # fmt: skip
+        bn_reference(
+            np_(x),
+            np_(y),
+            np_(bn.weight),
+            np_(bn.bias),
+            np_(bn.running_mean),
+            np_(bn.running_var),
+            bn.eps,
+            training=True,
+        )["effective_gain"],
+        rel=RTOL,
+    )
     assert abs(train_gain - float(stats["effective_gain"])) > 0.01
 
 
@@ -132,7 +162,9 @@ def test_per_example_normalizations_effective_gain(kind):
     with torch.no_grad():
         module.weight.copy_(torch.randn_like(module.weight))
     gamma = np.abs(np_(module.weight))
-    expected = (gamma.reshape(1, -1) / sigma).mean()  # sigma (N, 1) per example or (N, C) per example and channel
+    expected = (
+        gamma.reshape(1, -1) / sigma
+    ).mean()  # sigma (N, 1) per example or (N, C) per example and channel
     assert float(effective_gain(module, x)) == pytest.approx(expected, rel=RTOL)
     stats = norm_layer_stats(module, x, module(x))
     assert float(stats["out_std"]) == pytest.approx(np_(module(x)).std(), rel=RTOL)
@@ -159,18 +191,28 @@ def test_half_precision_activations():
         full = activation_stats(nn.Tanh(), torch.tanh(x).to(dtype).float())
         assert all(float(half[k]) == pytest.approx(float(full[k]), rel=1e-6) for k in full)
         bn = nn.BatchNorm1d(8)
-        assert float(effective_gain(bn, x.to(dtype))) == pytest.approx(float(effective_gain(bn, x.to(dtype).float())))
+        assert float(effective_gain(bn, x.to(dtype))) == pytest.approx(
+            float(effective_gain(bn, x.to(dtype).float()))
+        )
 
 
 def test_bf16_mixed_fit_logs_finite_values():
     monitor = NormStatsMonitor()
-    fit([monitor], lambda: DigitsCNN(norm="group"), max_epochs=1, limit_train_batches=2, limit_val_batches=0,
-        log_every_n_steps=1, precision="bf16-mixed")  # fmt: skip
+    fit(
+        [monitor],
+        lambda: DigitsCNN(norm="group"),
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        precision="bf16-mixed",
+    )
     assert monitor.last and all(np.isfinite(v) for v in monitor.last.values())
     assert monitor.nonfinite_events == 0
 
 
-# ---- non-negotiables -------------------------------------------------------------------------------------------
+# ---- non-negotiables
+# -------------------------------------------------------------------------------------------
 def test_zero_interference_bitwise(tmp_path):
     kwargs = dict(max_epochs=2, limit_train_batches=5, limit_val_batches=2, log_every_n_steps=1)
     baseline, _ = fit([], **kwargs)
@@ -183,13 +225,24 @@ def test_tags_histograms_layout_and_logging_frequency(tmp_path):
 
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
     monitor = NormStatsMonitor(every_n_epochs=1)
-    fit([monitor], max_epochs=1, limit_train_batches=7, limit_val_batches=0, log_every_n_steps=3, logger=logger)
+    fit(
+        [monitor],
+        max_epochs=1,
+        limit_train_batches=7,
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        logger=logger,
+    )
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("norm/net.norm2/effective_gain")] == [2, 5]
     scalars = set(events.Tags()["scalars"])
-    for tag in ["norm/net.norm1/running_mean_dist", "norm/net.relu4/dead_frac", "norm/total/effective_gain",
-                "norm/total/dead_frac"]:  # fmt: skip
+    for tag in [
+        "norm/net.norm1/running_mean_dist",
+        "norm/net.relu4/dead_frac",
+        "norm/total/effective_gain",
+        "norm/total/dead_frac",
+    ]:
         assert tag in scalars
     assert "norm/net.relu4/saturated_frac" not in scalars  # ReLU: no saturation statistic
     histograms = set(events.Tags()["histograms"])
@@ -199,8 +252,14 @@ def test_tags_histograms_layout_and_logging_frequency(tmp_path):
 def test_csv_logger_gets_scalars(tmp_path):
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
     with pytest.warns(UserWarning, match="no TensorBoardLogger"):
-        fit([NormStatsMonitor()], max_epochs=1, limit_train_batches=2, limit_val_batches=0, log_every_n_steps=1,
-            logger=logger)  # fmt: skip
+        fit(
+            [NormStatsMonitor()],
+            max_epochs=1,
+            limit_train_batches=2,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+            logger=logger,
+        )
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "norm/net.norm3/in_std" in header and "norm/net.relu3/dead_frac" in header
 
@@ -221,7 +280,10 @@ def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
         assert count_hooks(model) == 0 and len(monitor.hooks) == 0
     assert seen[0] == seen[-1] == 2 * 4 + 4  # pre + forward per normalization, forward per hidden layer
 
-    for error, expected in [(RuntimeError("raised on purpose"), RuntimeError), (KeyboardInterrupt(), SystemExit)]:
+    for error, expected in [
+        (RuntimeError("raised on purpose"), RuntimeError),
+        (KeyboardInterrupt(), SystemExit),
+    ]:
 
         class Raise(Callback):
             def on_train_batch_end(self, *args):
@@ -230,7 +292,9 @@ def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
         model = DigitsCNN()
         monitor = NormStatsMonitor()
         with pytest.raises(expected):
-            quiet_trainer([monitor, Raise()], max_epochs=1, log_every_n_steps=1).fit(model, DigitsDataModule())
+            quiet_trainer([monitor, Raise()], max_epochs=1, log_every_n_steps=1).fit(
+                model, DigitsDataModule()
+            )
         assert count_hooks(model) == 0 and len(monitor.hooks) == 0
 
 
@@ -248,8 +312,14 @@ def test_nan_activations_are_counted_not_fatal():
     class Model(ClassifierModule):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), NaNAfterFirst(),
-                                     nn.Linear(16, 10))  # fmt: skip
+            self.net = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(64, 16),
+                nn.BatchNorm1d(16),
+                nn.Tanh(),
+                NaNAfterFirst(),
+                nn.Linear(16, 10),
+            )
             from torchmetrics.classification import MulticlassAccuracy
 
             self.val_accuracy = MulticlassAccuracy(10)
@@ -263,11 +333,19 @@ def test_nan_activations_are_counted_not_fatal():
 def test_model_without_normalization_logs_hidden_stats_with_one_info_line(caplog):
     monitor = NormStatsMonitor()
     with caplog.at_level(logging.INFO):
-        fit([monitor], lambda: DeepMLP(depth=3, width=16, norm="none"), max_epochs=1, limit_train_batches=2,
-            limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
+        fit(
+            [monitor],
+            lambda: DeepMLP(depth=3, width=16, norm="none"),
+            max_epochs=1,
+            limit_train_batches=2,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+        )
     lines = [r for r in caplog.records if "no normalization layer" in r.getMessage()]
     assert len(lines) == 1
-    assert {"norm/net.act0/act_std", "norm/net.act2/saturated_frac", "norm/total/saturated_frac"} <= set(monitor.last)
+    assert {"norm/net.act0/act_std", "norm/net.act2/saturated_frac", "norm/total/saturated_frac"} <= set(
+        monitor.last
+    )
     assert not any("effective_gain" in tag for tag in monitor.last)
 
 
@@ -279,7 +357,9 @@ def test_bad_arguments():
     with pytest.raises(LightningInterpError, match="`norm_types`"):
         NormStatsMonitor(norm_types=["BatchNorm"])  # type: ignore[list-item]
     with pytest.raises(LightningInterpError, match="matches nothing"):
-        quiet_trainer([NormStatsMonitor(layers=["net.nope"])], max_epochs=1).fit(DigitsCNN(), DigitsDataModule())
+        quiet_trainer([NormStatsMonitor(layers=["net.nope"])], max_epochs=1).fit(
+            DigitsCNN(), DigitsDataModule()
+        )
 
 
 def test_state_round_trip_and_repr():

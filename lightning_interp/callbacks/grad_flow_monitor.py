@@ -1,4 +1,5 @@
-"""GradFlowMonitor: how the gradient's norm changes from layer to layer, measured and predicted from the weights."""
+"""GradFlowMonitor: how the gradient's norm changes from layer to layer, measured and predicted from the
+weights."""
 
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ OUTPUT = "output"
 
 
 class GradFlowMonitor(InterpCallback):
-    """Per-layer gradient norms, backward gains and their cumulative product, next to the product the weights and
-    normalization gains predict, logged every ``log_every_n_steps``.
+    """Per-layer gradient norms, backward gains and their cumulative product, next to the product the weights
+    and normalization gains predict, logged every ``log_every_n_steps``.
 
-    On logged steps only, forward hooks on the hidden layers (and the output layer) put gradient hooks on their
-    outputs, which fire during the training step's *own* backward: no extra forward or backward pass. Parameter
-    gradients are read in ``on_before_optimizer_step``. Definitions: :mod:`lightning_interp.stats.grad_flow`.
+    On logged steps only, forward hooks on the hidden layers (and the output layer) put gradient hooks on
+    their outputs, which fire during the training step's *own* backward: no extra forward or backward pass.
+    Parameter gradients are read in ``on_before_optimizer_step``. Definitions:
+    :mod:`lightning_interp.stats.grad_flow`.
 
     Logged through ``LightningModule.log`` (``on_step``, ``sync_dist=True``, any logger):
 
@@ -53,22 +55,23 @@ class GradFlowMonitor(InterpCallback):
       ``gradflow/<hidden layer>/analytic_cum_product``: its product from the output down to ``l``;
     * ``gradflow/output/grad_norm``, ``gradflow/output/backward_gain``, ``gradflow/output/analytic_gain``
       (``||W_out||_2``), for the output of the last weight layer;
-    * ``gradflow/<weight layer>/spectral_norm``: ``||W||_2`` by persistent power iteration (one step per logged
-      step; a conv kernel as its ``(out, in*k*k)`` matrix);
-    * ``gradflow/<module>/param_grad_norm``: norm of the gradients of each module's own parameters (weight and bias
-      together); ``gradflow/total/param_grad_norm``: over all parameters;
-    * ``gradflow/total/cum_product`` and ``gradflow/total/analytic_cum_product``: the products at the first watched
-      layer (output to input end);
+    * ``gradflow/<weight layer>/spectral_norm``: ``||W||_2`` by persistent power iteration (one step per
+      logged step; a conv kernel as its ``(out, in*k*k)`` matrix);
+    * ``gradflow/<module>/param_grad_norm``: norm of the gradients of each module's own parameters (weight and
+      bias together); ``gradflow/total/param_grad_norm``: over all parameters;
+    * ``gradflow/total/cum_product`` and ``gradflow/total/analytic_cum_product``: the products at the first
+      watched layer (output to input end);
     * ``gradflow/total/flow_events``: logged steps whose ``total/cum_product`` left ``band`` (vanishing below,
       exploding above; warned once each); ``gradflow/total/nonfinite_events``: steps with NaN/Inf gradients.
 
-    With a TensorBoardLogger, every ``every_n_epochs`` on global rank 0: the image ``gradflow/figure`` (per-layer
-    gradient norm on a log scale, and measured vs analytic cumulative products; matplotlib when installed, else a
-    plain bar image), and once a custom-scalars layout (``gradflow`` section: one chart per statistic).
+    With a TensorBoardLogger, every ``every_n_epochs`` on global rank 0: the image ``gradflow/figure``
+    (per-layer gradient norm on a log scale, and measured vs analytic cumulative products; matplotlib when
+    installed, else a plain bar image), and once a custom-scalars layout (``gradflow`` section: one chart per
+    statistic).
 
-    Mixed precision: with a gradient scaler (``precision="16-mixed"``) the activation gradients seen by the hooks
-    are scaled; they are divided by the scaler's scale read in ``on_before_optimizer_step`` (the scale used for
-    that backward). Parameter gradients are already unscaled by Lightning before that hook.
+    Mixed precision: with a gradient scaler (``precision="16-mixed"``) the activation gradients seen by the
+    hooks are scaled; they are divided by the scaler's scale read in ``on_before_optimizer_step`` (the scale
+    used for that backward). Parameter gradients are already unscaled by Lightning before that hook.
 
     Args:
         layers: the hidden layers (see :func:`~lightning_interp.layers.select_layers`); ``None``: every
@@ -114,7 +117,9 @@ class GradFlowMonitor(InterpCallback):
                 )
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         if not (isinstance(band, (tuple, list)) and len(band) == 2):
-            raise LightningInterpError(f"Expected argument `band` to be a pair (low, high), but got {band!r}.")
+            raise LightningInterpError(
+                f"Expected argument `band` to be a pair (low, high), but got {band!r}."
+            )
         low, high = check_positive_float("band[0]", band[0]), check_positive_float("band[1]", band[1])
         if not low < high:
             raise LightningInterpError(f"Expected argument `band` to have low < high, but got {band!r}.")
@@ -138,19 +143,27 @@ class GradFlowMonitor(InterpCallback):
 
     @override
     def _config(self) -> dict[str, Any]:
-        return {"layers": self.layers, "norm_types": [t.__name__ for t in self.norm_types],
-                "every_n_epochs": self.every_n_epochs, "band": self.band, "seed": self.seed}  # fmt: skip
+        return {
+            "layers": self.layers,
+            "norm_types": [t.__name__ for t in self.norm_types],
+            "every_n_epochs": self.every_n_epochs,
+            "band": self.band,
+            "seed": self.seed,
+        }
 
-    # ---- set-up ----------------------------------------------------------------------------------------------
+    # ---- set-up
+    # ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.hidden_layers = [layer for layer in select_layers(pl_module, self.layers) if not layer.is_input]
         if not self.hidden_layers:
             raise LightningInterpError(
-                "GradFlowMonitor found no hidden layer to watch (no nonlinearity module and fewer than two weight "
-                "layers). Pass `layers=` naming the modules whose outputs to follow."
+                "GradFlowMonitor found no hidden layer to watch (no nonlinearity module and fewer than two "
+                "weight layers). Pass `layers=` naming the modules whose outputs to follow."
             )
-        self.links, self.output_layer = chain_links(pl_module, [layer.name for layer in self.hidden_layers], self.norm_types)
+        self.links, self.output_layer = chain_links(
+            pl_module, [layer.name for layer in self.hidden_layers], self.norm_types
+        )
         self._modules = dict(pl_module.named_modules())
 
     @override
@@ -165,13 +178,23 @@ class GradFlowMonitor(InterpCallback):
             self.hooks.forward(self._modules[norm], self._make_norm_hook(norm))
         writer = tensorboard_writer(trainer, self.problems)
         if writer is not None:
-            stats = ("grad_norm", "backward_gain", "cum_product", "analytic_gain", "analytic_cum_product",
-                     "spectral_norm", "param_grad_norm")  # fmt: skip
+            stats = (
+                "grad_norm",
+                "backward_gain",
+                "cum_product",
+                "analytic_gain",
+                "analytic_cum_product",
+                "spectral_norm",
+                "param_grad_norm",
+            )
             charts = {f"{stat}, every layer": [rf"gradflow/.*/{stat}$"] for stat in stats}
-            charts["total cumulative product, measured vs analytic"] = [r"gradflow/total/(analytic_)?cum_product$"]
+            charts["total cumulative product, measured vs analytic"] = [
+                r"gradflow/total/(analytic_)?cum_product$"
+            ]
             add_custom_scalar_charts(writer, "gradflow", charts)
 
-    # ---- hooks -----------------------------------------------------------------------------------------------
+    # ---- hooks
+    # -----------------------------------------------------------------------------------------------
     def _make_output_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._active or name in self._grad_norms or name in self._order:
@@ -187,7 +210,8 @@ class GradFlowMonitor(InterpCallback):
     def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                # a NaN/Inf anywhere in the gradient makes its norm NaN/Inf: checked on the norms, no extra pass
+                # a NaN/Inf anywhere in the gradient makes its norm NaN/Inf: checked on the norms, no extra
+                # pass
                 self._grad_norms[name] = per_example_grad_norm(grad)
 
         return hook
@@ -200,9 +224,12 @@ class GradFlowMonitor(InterpCallback):
 
         return hook
 
-    # ---- batches ---------------------------------------------------------------------------------------------
+    # ---- batches
+    # ---------------------------------------------------------------------------------------------
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._active = logged_step(trainer)
         self._order, self._grad_norms, self._gains = [], {}, {}
         self._param_norms, self._scale = {}, 1.0
@@ -260,7 +287,9 @@ class GradFlowMonitor(InterpCallback):
         output_norm = values[f"norm:{OUTPUT}"] / scale if f"norm:{OUTPUT}" in values else None
         if not all(math.isfinite(values[f"norm:{name}"]) for name in self._order if f"norm:{name}" in values):
             self.nonfinite_events += 1
-            self.problems.report("nonfinite_gradients", "activation gradients held NaN/Inf; logged as they are")
+            self.problems.report(
+                "nonfinite_gradients", "activation gradients held NaN/Inf; logged as they are"
+            )
         for name, norm in zip(hidden, norms):
             logged[f"gradflow/{name}/grad_norm"] = norm
         if output_norm is not None:
@@ -320,7 +349,8 @@ class GradFlowMonitor(InterpCallback):
                 f"(above the band's {high:g}): exploding gradients",
             )
 
-    # ---- figure ----------------------------------------------------------------------------------------------
+    # ---- figure
+    # ----------------------------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs or not self.last:
@@ -340,7 +370,9 @@ class GradFlowMonitor(InterpCallback):
         try:
             return _matplotlib_figure(names, norms, measured, analytic)
         except ImportError:
-            self.problems.report("no_matplotlib", "matplotlib is not installed; the figure is a plain bar image")
+            self.problems.report(
+                "no_matplotlib", "matplotlib is not installed; the figure is a plain bar image"
+            )
             return _bar_image(norms)
 
     def _hidden_order(self) -> list[str]:
@@ -352,11 +384,15 @@ class GradFlowMonitor(InterpCallback):
         self._active = False
         self._order, self._grad_norms, self._gains, self._param_norms = [], {}, {}, {}
 
-    # ---- state -----------------------------------------------------------------------------------------------
+    # ---- state
+    # -----------------------------------------------------------------------------------------------
     @override
     def _state(self) -> dict[str, Any]:
-        return {"power": self.power.state_dict(), "flow_events": self.flow_events,
-                "nonfinite_events": self.nonfinite_events}  # fmt: skip
+        return {
+            "power": self.power.state_dict(),
+            "flow_events": self.flow_events,
+            "nonfinite_events": self.nonfinite_events,
+        }
 
     @override
     def _load_state(self, state: dict[str, Any]) -> None:

@@ -22,8 +22,17 @@ from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_w
 
 __all__ = ["NormStatsMonitor"]
 
-NORM_STATS = ("in_mean", "in_std", "out_mean", "out_std", "gamma_abs_mean", "beta_mean", "effective_gain",
-              "running_mean_dist", "running_std_ratio")  # fmt: skip
+NORM_STATS = (
+    "in_mean",
+    "in_std",
+    "out_mean",
+    "out_std",
+    "gamma_abs_mean",
+    "beta_mean",
+    "effective_gain",
+    "running_mean_dist",
+    "running_std_ratio",
+)
 HIDDEN_STATS = ("act_mean", "act_std", "saturated_frac", "dead_frac")
 
 
@@ -48,26 +57,28 @@ class NormStatsMonitor(InterpCallback):
     """Statistics of every normalization layer and of the hidden layers, logged every ``log_every_n_steps``.
 
     Forward hooks on the training step's own forward read the inputs and outputs of each normalization layer
-    (BatchNorm*, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm*, RMSNorm and ``norm_types``) and the output of
-    each hidden layer (the probes' default: every nonlinearity), on logged steps only; nothing is computed on the
-    other steps. The model, its gradients, buffers and modes and the global RNG are untouched. Definitions and
-    thresholds: :mod:`lightning_interp.stats.norm_stats`.
+    (BatchNorm*, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm*, RMSNorm and ``norm_types``) and the
+    output of each hidden layer (the probes' default: every nonlinearity), on logged steps only; nothing is
+    computed on the other steps. The model, its gradients, buffers and modes and the global RNG are untouched.
+    Definitions and thresholds: :mod:`lightning_interp.stats.norm_stats`.
 
     Logged through ``LightningModule.log`` (``on_step``, ``sync_dist=True``, any logger):
 
     * ``norm/<norm layer>/<stat>``: ``in_mean``, ``in_std``, ``out_mean``, ``out_std``, ``gamma_abs_mean``,
-      ``beta_mean`` (affine layers), ``effective_gain`` = mean(|gamma| / sigma) with the sigma the layer divides by
-      (batch statistics in train mode, running statistics in eval mode, per example for LayerNorm/GroupNorm/
-      RMSNorm), and for BatchNorm ``running_mean_dist`` / ``running_std_ratio`` (running vs batch statistics);
-    * ``norm/<hidden layer>/<stat>``: ``act_mean``, ``act_std``; ``saturated_frac`` after Tanh/Sigmoid-like layers
-      (``|a| > 0.99``; sigmoid ``< 0.01`` or ``> 0.99``); ``dead_frac`` after ReLU/ReLU6 (units never positive in
-      the batch; a conv unit is a channel);
-    * ``norm/total/effective_gain``, ``norm/total/dead_frac``, ``norm/total/saturated_frac``: means over layers;
+      ``beta_mean`` (affine layers), ``effective_gain`` = mean(|gamma| / sigma) with the sigma the layer
+      divides by (batch statistics in train mode, running statistics in eval mode, per example for
+      LayerNorm/GroupNorm/ RMSNorm), and for BatchNorm ``running_mean_dist`` / ``running_std_ratio`` (running
+      vs batch statistics);
+    * ``norm/<hidden layer>/<stat>``: ``act_mean``, ``act_std``; ``saturated_frac`` after Tanh/Sigmoid-like
+      layers (``|a| > 0.99``; sigmoid ``< 0.01`` or ``> 0.99``); ``dead_frac`` after ReLU/ReLU6 (units never
+      positive in the batch; a conv unit is a channel);
+    * ``norm/total/effective_gain``, ``norm/total/dead_frac``, ``norm/total/saturated_frac``: means over
+      layers;
     * ``norm/total/nonfinite_events``: logged steps whose activations held NaN/Inf (counted, warned once).
 
     With a TensorBoardLogger, every ``every_n_epochs`` on global rank 0: histograms ``norm/<hidden layer>/
-    activations`` (a strided sample of at most ``histogram_samples`` values) and ``norm/<norm layer>/gamma``, and
-    once a custom-scalars layout (``norm`` section: one chart per statistic with every layer).
+    activations`` (a strided sample of at most ``histogram_samples`` values) and ``norm/<norm layer>/gamma``,
+    and once a custom-scalars layout (``norm`` section: one chart per statistic with every layer).
 
     Args:
         layers: the hidden layers (see :func:`~lightning_interp.layers.select_layers`); ``None``: every
@@ -126,10 +137,15 @@ class NormStatsMonitor(InterpCallback):
 
     @override
     def _config(self) -> dict[str, Any]:
-        return {"layers": self.layers, "norm_types": [t.__name__ for t in self.norm_types],
-                "every_n_epochs": self.every_n_epochs, "histogram_samples": self.histogram_samples}  # fmt: skip
+        return {
+            "layers": self.layers,
+            "norm_types": [t.__name__ for t in self.norm_types],
+            "every_n_epochs": self.every_n_epochs,
+            "histogram_samples": self.histogram_samples,
+        }
 
-    # ---- set-up ----------------------------------------------------------------------------------------------
+    # ---- set-up
+    # ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.norm_layers = normalization_layers(pl_module, self.norm_types)
@@ -146,14 +162,16 @@ class NormStatsMonitor(InterpCallback):
             self.hooks.forward(layer.module, self._make_hidden_hook(layer.name))
         if not self.norm_layers:
             rank_zero_info(
-                "NormStatsMonitor: the model has no normalization layer; logging hidden-layer statistics only."
+                "NormStatsMonitor: the model has no normalization layer; "
+                "logging hidden-layer statistics only."
             )
         writer = tensorboard_writer(trainer, self.problems)
         if writer is not None:
             charts = {f"{stat}, every layer": [rf"norm/.*/{stat}$"] for stat in NORM_STATS + HIDDEN_STATS}
             add_custom_scalar_charts(writer, "norm", charts)
 
-    # ---- hooks -----------------------------------------------------------------------------------------------
+    # ---- hooks
+    # -----------------------------------------------------------------------------------------------
     def _key(self, name: str, kind: str) -> str:
         call = self._calls[(kind, name)]
         self._calls[(kind, name)] = call + 1
@@ -162,7 +180,8 @@ class NormStatsMonitor(InterpCallback):
     def _make_pre_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if self._active:
-                # a train-mode BatchNorm forward updates its running statistics in place: keep the ones before it
+                # a train-mode BatchNorm forward updates its running statistics in place: keep the ones before
+                # it
                 self._snapshots[name] = snapshot_running_stats(module)
 
         return hook
@@ -175,7 +194,9 @@ class NormStatsMonitor(InterpCallback):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             y = first_tensor(output, self.output_key)
             if x is None or y is None:
-                self.problems.report("non_tensor", f"layer `{name}` has a non-tensor input or output; skipped")
+                self.problems.report(
+                    "non_tensor", f"layer `{name}` has a non-tensor input or output; skipped"
+                )
                 return
             self._pending[key] = norm_layer_stats(module, x, y, self._snapshots.pop(name, None))
 
@@ -188,7 +209,9 @@ class NormStatsMonitor(InterpCallback):
             key = self._key(name, "hidden")
             y = first_tensor(output, self.output_key)
             if y is None:
-                self.problems.report("non_tensor", f"layer `{name}` returned {type(output).__name__}; skipped")
+                self.problems.report(
+                    "non_tensor", f"layer `{name}` returned {type(output).__name__}; skipped"
+                )
                 return
             if self._active:
                 self._pending[key] = activation_stats(module, y)
@@ -197,12 +220,15 @@ class NormStatsMonitor(InterpCallback):
 
         return hook
 
-    # ---- batches ---------------------------------------------------------------------------------------------
+    # ---- batches
+    # ---------------------------------------------------------------------------------------------
     def _histograms_due(self, trainer: Trainer) -> bool:
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._calls.clear()
         self._pending = {}
         self._snapshots = {}
@@ -236,7 +262,8 @@ class NormStatsMonitor(InterpCallback):
         if not all(math.isfinite(v) for t, v in logged.items() if not t.endswith("effective_gain")):
             self.nonfinite_events += 1
             self.problems.report(
-                "nonfinite_activations", "activations held NaN/Inf; the step's statistics are logged as they are"
+                "nonfinite_activations",
+                "activations held NaN/Inf; the step's statistics are logged as they are",
             )
         for stat in ("effective_gain", "dead_frac", "saturated_frac"):
             per_layer = [v for t, v in logged.items() if t.endswith("/" + stat) and not math.isnan(v)]
@@ -276,7 +303,8 @@ class NormStatsMonitor(InterpCallback):
         self._active = self._sampling = False
         self._pending, self._snapshots, self._samples = {}, {}, {}
 
-    # ---- state -----------------------------------------------------------------------------------------------
+    # ---- state
+    # -----------------------------------------------------------------------------------------------
     @override
     def _state(self) -> dict[str, Any]:
         return {"nonfinite_events": self.nonfinite_events}

@@ -2,28 +2,29 @@
 
 Pure functions and one small stateful class; no Trainer, no hooks.
 
-Measured (from ``dL/dH_l``, the gradient of the loss with respect to hidden layer ``l``'s output, as the training
-step's own backward produced it):
+Measured (from ``dL/dH_l``, the gradient of the loss with respect to hidden layer ``l``'s output, as the
+training step's own backward produced it):
 
-* ``grad_norm`` of layer ``l``: the mean over the batch of the per-example L2 norms ``||dL/dH_l[n]||`` (the loss is
-  usually a batch mean, so each example's gradient carries a ``1/B`` factor; ratios are unaffected);
-* ``backward_gain`` of layer ``l``: ``grad_norm(l - 1) / grad_norm(l)``, the factor by which the gradient grows
-  (> 1) or shrinks (< 1) passing back through block ``l``; for the first watched layer there is no ``l - 1``;
+* ``grad_norm`` of layer ``l``: the mean over the batch of the per-example L2 norms ``||dL/dH_l[n]||`` (the
+  loss is usually a batch mean, so each example's gradient carries a ``1/B`` factor; ratios are unaffected);
+* ``backward_gain`` of layer ``l``: ``grad_norm(l - 1) / grad_norm(l)``, the factor by which the gradient
+  grows (> 1) or shrinks (< 1) passing back through block ``l``; for the first watched layer there is no ``l -
+  1``;
 * ``cum_product`` of layer ``l``: the product of the backward gains from the output down to ``l``, which
-  telescopes to ``grad_norm(l) / grad_norm(output)``; ``output`` is the output of the network's last weight layer
-  (the logits).
+  telescopes to ``grad_norm(l) / grad_norm(output)``; ``output`` is the output of the network's last weight
+  layer (the logits).
 
 Analytic (from the weights, the theory of the backward Jacobian ``prod_i (g_i / sigma_i) W_i``):
 
-* ``spectral_norm`` of each weight layer: ``||W||_2``, by a persistent power iteration (:class:`PowerIteration`,
-  one step per call). A conv weight ``(out, in, k, k)`` is taken as the ``(out, in*k*k)`` matrix: the operator
-  norm of the convolution itself differs from it (it depends on the input size and padding), and this matrix
-  norm is the customary, input-independent proxy;
+* ``spectral_norm`` of each weight layer: ``||W||_2``, by a persistent power iteration
+  (:class:`PowerIteration`, one step per call). A conv weight ``(out, in, k, k)`` is taken as the ``(out,
+  in*k*k)`` matrix: the operator norm of the convolution itself differs from it (it depends on the input size
+  and padding), and this matrix norm is the customary, input-independent proxy;
 * ``analytic_gain`` of layer ``l``: ``||W_l||_2 * g_l / sigma_l``, where ``W_l`` is the weight layer feeding
-  hidden layer ``l`` and ``g_l / sigma_l`` the effective gain of the normalization between them (1 without one).
-  The nonlinearity's derivative is left out, so this is the weights-and-normalization part of the gain;
-* ``analytic_cum_product`` of layer ``l``: ``||W_out||_2`` times the product of ``analytic_gain`` over the layers
-  above ``l``, the counterpart of ``cum_product``.
+  hidden layer ``l`` and ``g_l / sigma_l`` the effective gain of the normalization between them (1 without
+  one). The nonlinearity's derivative is left out, so this is the weights-and-normalization part of the gain;
+* ``analytic_cum_product`` of layer ``l``: ``||W_out||_2`` times the product of ``analytic_gain`` over the
+  layers above ``l``, the counterpart of ``cum_product``.
 """
 
 from __future__ import annotations
@@ -135,9 +136,10 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 class PowerIteration:
-    """Persistent power iteration for ``||W||_2`` of several matrices: one step per :meth:`step` call, starting
-    from the previous call's singular vector, so the estimate converges over calls and follows slowly changing
-    weights. The start vectors come from an own seeded generator (the global RNG is never drawn from).
+    """Persistent power iteration for ``||W||_2`` of several matrices: one step per :meth:`step` call,
+    starting from the previous call's singular vector, so the estimate converges over calls and follows
+    slowly changing weights. The start vectors come from an own seeded generator (the global RNG is never
+    drawn from).
 
     Example:
         >>> w = torch.diag(torch.tensor([3.0, 1.0, 0.5]))
@@ -177,7 +179,8 @@ class PowerIteration:
 
 @dataclass(frozen=True)
 class ChainLink:
-    """What feeds a hidden layer in a plain chain: its weight layer and the normalization after it (if any)."""
+    """What feeds a hidden layer in a plain chain: its weight layer and the normalization after it (if
+    any)."""
 
     hidden: str
     weight: str | None

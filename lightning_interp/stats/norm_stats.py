@@ -1,33 +1,35 @@
 """Statistics of normalization layers and hidden activations, from tensors captured by forward hooks.
 
-Pure functions of ``(module, input, output)``: no Trainer, no hooks. Every statistic is a 0-dim float32 tensor on
-the input's device, so a caller can gather many of them and move them to the host in one transfer.
+Pure functions of ``(module, input, output)``: no Trainer, no hooks. Every statistic is a 0-dim float32 tensor
+on the input's device, so a caller can gather many of them and move them to the host in one transfer.
 
 Definitions (``x`` the layer input, ``y`` its output, statistics over every element of the batch):
 
-* ``in_mean``, ``in_std``, ``out_mean``, ``out_std``: mean and (biased) standard deviation of all elements of ``x``
-  and ``y``.
+* ``in_mean``, ``in_std``, ``out_mean``, ``out_std``: mean and (biased) standard deviation of all elements of
+  ``x`` and ``y``.
 * ``gamma_abs_mean``, ``beta_mean``: mean of ``|weight|`` and of ``bias`` (only for layers that have them).
-* ``effective_gain``: the mean over examples and features of ``|gamma| / sigma``, where ``sigma`` is the standard
-  deviation the layer *actually divides by* on this forward: BatchNorm in train mode (or without running
-  statistics) the biased batch variance per channel; BatchNorm in eval mode its running variance; LayerNorm one
-  sigma per example over ``normalized_shape``; GroupNorm one per example and group; InstanceNorm one per example and
-  channel (running statistics in eval mode when it tracks them); RMSNorm the root mean square per example.
-  ``sigma = sqrt(var + eps)`` with the layer's own ``eps``; a layer without affine parameters has ``gamma = 1``.
+* ``effective_gain``: the mean over examples and features of ``|gamma| / sigma``, where ``sigma`` is the
+  standard deviation the layer *actually divides by* on this forward: BatchNorm in train mode (or without
+  running statistics) the biased batch variance per channel; BatchNorm in eval mode its running variance;
+  LayerNorm one sigma per example over ``normalized_shape``; GroupNorm one per example and group; InstanceNorm
+  one per example and channel (running statistics in eval mode when it tracks them); RMSNorm the root mean
+  square per example. ``sigma = sqrt(var + eps)`` with the layer's own ``eps``; a layer without affine
+  parameters has ``gamma = 1``.
 * BatchNorm only: ``running_mean_dist``, the mean over channels of ``|batch_mean - running_mean| /
   sqrt(running_var + eps)`` (how many running standard deviations the batch mean is away), and
-  ``running_std_ratio``, the mean over channels of ``batch_std / running_std``. Both are 0 and 1 when the running
-  statistics describe the batch; they measure the train/eval mismatch. The running statistics must be the ones
-  from *before* the forward (a train-mode forward updates them in place): pass a snapshot.
+  ``running_std_ratio``, the mean over channels of ``batch_std / running_std``. Both are 0 and 1 when the
+  running statistics describe the batch; they measure the train/eval mismatch. The running statistics must be
+  the ones from *before* the forward (a train-mode forward updates them in place): pass a snapshot.
 
-Hidden-layer statistics (:func:`activation_stats`), "unit" = a feature of a dense output or a channel of a conv map:
+Hidden-layer statistics (:func:`activation_stats`), "unit" = a feature of a dense output or a channel of a
+conv map:
 
 * ``act_mean``, ``act_std``: mean and biased standard deviation of all elements.
 * ``saturated_frac``: fraction of elements in the flat part of a bounded nonlinearity: ``|a| > 0.99`` after
   ``Tanh``/``Hardtanh``/``Softsign`` (tanh' < 0.02 there), ``a < 0.01`` or ``a > 0.99`` after
   ``Sigmoid``/``Hardsigmoid`` (sigmoid' < 0.0099). Only for those layers.
-* ``dead_frac``: fraction of units that are never positive anywhere in the batch (every example, every position),
-  after ``ReLU``/``ReLU6``. Only for those layers.
+* ``dead_frac``: fraction of units that are never positive anywhere in the batch (every example, every
+  position), after ``ReLU``/``ReLU6``. Only for those layers.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ _BATCHED_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 
 
 
 def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (dim 1) mean and biased variance of ``x`` (N, C, ...), by two passes (about twice as fast as
-    ``torch.var_mean`` on CPU, and as accurate)."""
+    """Per-channel (dim 1) mean and biased variance of ``x`` (N, C, ...), by two passes (about twice as fast
+    as ``torch.var_mean`` on CPU, and as accurate)."""
     dims = [0, *range(2, x.dim())]
     mean = x.mean(dim=dims, keepdim=True)
     var = (x - mean).square().mean(dim=dims)
@@ -111,7 +113,8 @@ def divisor_std(
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The standard deviation(s) ``sqrt(var + eps)`` that ``module`` divides ``x`` by, shaped to broadcast
-    against the layer's per-feature ``gamma`` after a leading batch dimension; ``None`` for unknown layer types.
+    against the layer's per-feature ``gamma`` after a leading batch dimension; ``None`` for unknown layer
+    types.
 
     Shapes: BatchNorm ``(C,)``; InstanceNorm ``(N, C)``; LayerNorm and RMSNorm ``(N, 1, ..., 1)`` (one per
     example); GroupNorm ``(N, C)`` (each channel gets its group's sigma). ``running`` overrides the module's
@@ -156,14 +159,14 @@ def effective_gain(
     running: tuple[torch.Tensor, torch.Tensor] | None = None,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Mean of ``|gamma| / sigma`` over examples and features: the factor ``g / sigma`` by which the layer scales
-    (forward and backward) its centred input. ``nan`` for an unknown layer type.
+    """Mean of ``|gamma| / sigma`` over examples and features: the factor ``g / sigma`` by which the layer
+    scales (forward and backward) its centred input. ``nan`` for an unknown layer type.
 
     Example:
         >>> ln = nn.LayerNorm(2, eps=0.0)
         >>> with torch.no_grad():
         ...     _ = ln.weight.fill_(3.0)
-        >>> float(effective_gain(ln, torch.tensor([[0.0, 2.0], [0.0, 4.0]])))  # sigmas 1 and 2: mean(3/1, 3/2)
+        >>> float(effective_gain(ln, torch.tensor([[0.0, 2.0], [0.0, 4.0]])))  # mean(3/1, 3/2)
         2.25
     """
     sigma = divisor_std(module, x, running, moments)
@@ -194,7 +197,8 @@ def norm_layer_stats(
         x: its input on this forward.
         y: its output on this forward.
         running: BatchNorm's ``(running_mean, running_var)`` from *before* the forward
-            (:func:`snapshot_running_stats` in a forward-pre hook); the module's current buffers when ``None``.
+            (:func:`snapshot_running_stats` in a forward-pre hook); the module's current buffers when
+            ``None``.
 
     Example:
         >>> bn = nn.BatchNorm1d(2).train()
@@ -209,7 +213,9 @@ def norm_layer_stats(
     """
     xf, yf = x.detach().float(), y.detach().float()
     is_bn = isinstance(module, _BATCHNORMS)
-    moments = _channel_moments(xf) if is_bn else None  # computed once: global stats, sigma and running distance
+    moments = (
+        _channel_moments(xf) if is_bn else None
+    )  # computed once: global stats, sigma and running distance
     stats: dict[str, torch.Tensor] = {}
     stats["in_mean"], stats["in_std"] = _mean_std(xf, moments)
     stats["out_mean"], stats["out_std"] = _mean_std(yf)
@@ -231,7 +237,8 @@ def norm_layer_stats(
 
 
 def activation_stats(module: nn.Module | None, a: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean, std, saturated fraction and dead-unit fraction of a hidden layer's output ``a`` (see module docs).
+    """Mean, std, saturated fraction and dead-unit fraction of a hidden layer's output ``a`` (see the module
+    docstring).
 
     Example:
         >>> stats = activation_stats(nn.ReLU(), torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]]))
@@ -252,4 +259,3 @@ def activation_stats(module: nn.Module | None, a: torch.Tensor) -> dict[str, tor
         unit_max = af.amax(dim=[0, *range(2, af.dim())])  # per channel, over examples and positions
         stats["dead_frac"] = (unit_max <= 0).float().mean()
     return stats
-
