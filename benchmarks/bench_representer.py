@@ -26,12 +26,12 @@ import time
 
 os.environ.setdefault("BENCH_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, table  # noqa: E402
+from common import machine, table
 
-from lightning_interp.attribution import fit_representer  # noqa: E402
+from lightning_interp.attribution import fit_representer
 
 
 def authors_procedure(
@@ -117,7 +117,9 @@ def digits_case(epochs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return feats, probs, head
 
 
-def synthetic_case(n: int, d: int, c: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def synthetic_case(
+    n: int, d: int, c: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-negative class-structured features (like post-ReLU penultimate features) and a confident head whose
     softmax outputs are the targets, as for a trained model."""
     g = torch.Generator().manual_seed(seed)
@@ -162,9 +164,9 @@ def suspect_comparison(seeds: list[int], norms: list[str], epochs: int = 15) -> 
                 feats = model.net[:-1](x)
                 probs = torch.softmax(model.net.fc2(feats), 1)
             flipped = set(dm.flipped_indices.tolist())
-            for rule in found:
+            for rule, hits in found.items():
                 ranking = suspect_labels(feats, y, k=len(flipped), rule=rule, probs=probs)  # type: ignore[arg-type]
-                found[rule].append(len(flipped & set(ranking.indices.tolist())) / len(flipped))
+                hits.append(len(flipped & set(ranking.indices.tolist())) / len(flipped))
         rows.append([f"DigitsCNN(norm={norm!r}), {epochs} epochs, seeds {seeds}"]
                     + [" / ".join(f"{v:.0%}" for v in found[r]) for r in found])  # fmt: skip
         print(rows[-1], flush=True)
@@ -172,7 +174,12 @@ def suspect_comparison(seeds: list[int], norms: list[str], epochs: int = 15) -> 
 
 
 def run_case(
-    name: str, feats: torch.Tensor, probs: torch.Tensor, head: torch.Tensor, budget_s: float, lam: float = 0.003
+    name: str,
+    feats: torch.Tensor,
+    probs: torch.Tensor,
+    head: torch.Tensor,
+    budget_s: float,
+    lam: float = 0.003,
 ) -> list:
     repeats = 5 if len(feats) * feats.shape[1] < 200_000 else 1  # small cases: median of 5 against noise
     t_theirs, (w_theirs, iters, finished) = _timed(
@@ -181,9 +188,12 @@ def run_case(
     s_theirs, r_theirs = stationarity_and_residual(feats, probs, w_theirs, lam)
     weight, bias = head[:, :-1], head[:, -1]
     t_matched, _ = _timed(
-        lambda: fit_representer(feats, probs, lam=lam, tol=s_theirs, init_weight=weight, init_bias=bias), repeats
+        lambda: fit_representer(feats, probs, lam=lam, tol=s_theirs, init_weight=weight, init_bias=bias),
+        repeats,
     )
-    t_ours, ours = _timed(lambda: fit_representer(feats, probs, lam=lam, init_weight=weight, init_bias=bias), repeats)
+    t_ours, ours = _timed(
+        lambda: fit_representer(feats, probs, lam=lam, init_weight=weight, init_bias=bias), repeats
+    )
     mark = "" if finished else " (cut off)"
     prefix = "" if finished else ">= "
     return [
@@ -195,9 +205,15 @@ def run_case(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits (5 epochs) and n = 5000 only, 20 s budget")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds after which the authors' loop is cut off (default 60; 20 with --quick)")
+    parser.add_argument(
+        "--quick", action="store_true", help="digits (5 epochs) and n = 5000 only, 20 s budget"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds after which the authors' loop is cut off (default 60; 20 with --quick)",
+    )
     args = parser.parse_args()
     budget = args.budget if args.budget is not None else (20.0 if args.quick else 60.0)
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))

@@ -183,7 +183,7 @@ def test_trustai_rule_is_count_then_sum_of_positive_alphas():
 
 
 def test_suspect_labels_errors():
-    feats, probs, labels, _ = _random_problem(n=50, d=3, c=3)
+    feats, _, labels, _ = _random_problem(n=50, d=3, c=3)
     with pytest.raises(LightningInterpError, match="`probs`"):
         suspect_labels(feats, labels, rule="loss")
     with pytest.raises(LightningInterpError, match="`rule`"):
@@ -251,7 +251,7 @@ def test_top_k_memory_is_bounded():
         print((after - before) / 1024, tuple(top.proponent_indices.shape))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert out.returncode == 0, out.stderr
     extra_mb, shape = out.stdout.split(" ", 1)

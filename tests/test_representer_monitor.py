@@ -9,12 +9,11 @@ from collections import OrderedDict
 import lightning as L
 import pytest
 import torch
+from helpers import assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader
 
-from helpers import assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
 from lightning_interp.callbacks import RepresenterMonitor
 from lightning_interp.data import DigitsDataModule
 from lightning_interp.errors import LightningInterpError
@@ -30,7 +29,7 @@ def _one_thread():
 
 
 def _monitor(**kwargs) -> RepresenterMonitor:
-    options = dict(every_n_epochs=1, max_train_examples=300, num_examples=3, k=2, sparse_pool=32)
+    options = {"every_n_epochs": 1, "max_train_examples": 300, "num_examples": 3, "k": 2, "sparse_pool": 32}
     options.update(kwargs)
     return RepresenterMonitor(**options)
 
@@ -138,12 +137,16 @@ def test_artifacts_written(tmp_path):
     monitor = _monitor()
     logger = TensorBoardLogger(str(tmp_path), name="run")
     fit([monitor], max_epochs=2, limit_train_batches=3, limit_val_batches=1, logger=logger)
-    files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(logger.log_dir, "representer_epoch*.pt")))
+    files = sorted(
+        os.path.basename(p) for p in glob.glob(os.path.join(logger.log_dir, "representer_epoch*.pt"))
+    )
     assert files == ["representer_epoch0.pt", "representer_epoch1.pt"]
     saved = torch.load(os.path.join(logger.log_dir, "representer_epoch1.pt"), weights_only=False)
     assert saved["alpha"].shape == (300, 10) and saved["indices"].shape == (300,)
     assert saved["suspects"]["indices"].shape == (20,)
-    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0})
+    events = EventAccumulator(
+        logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0}
+    )
     events.Reload()
     tags = events.Tags()
     for tag in ("representer/stationarity", "representer/decomposition_residual", "representer/agreement",
@@ -152,7 +155,9 @@ def test_artifacts_written(tmp_path):
     assert "representer/alpha" in tags["histograms"]
     assert "representer/examples" in tags["images"]
     text_tags = tags["tensors"]
-    assert {"representer/suspects/text_summary", "representer/sparse/text_summary"} <= set(text_tags), text_tags
+    assert {"representer/suspects/text_summary", "representer/sparse/text_summary"} <= set(text_tags), (
+        text_tags
+    )
     agreement = [e.value for e in events.Scalars("representer/agreement")]
     assert len(agreement) == 2 and all(a >= 0.9 for a in agreement)
 
@@ -191,7 +196,9 @@ def test_end_of_fit_dump_when_epochs_do_not_divide(tmp_path):
     monitor = _monitor(every_n_epochs=5)
     logger = TensorBoardLogger(str(tmp_path), name="run")
     fit([monitor], max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=logger)
-    files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(logger.log_dir, "representer_epoch*.pt")))
+    files = sorted(
+        os.path.basename(p) for p in glob.glob(os.path.join(logger.log_dir, "representer_epoch*.pt"))
+    )
     assert files == ["representer_epoch1.pt"] and monitor.dumps == 1
 
 
@@ -215,6 +222,8 @@ class _HeadTwice(DigitsCNN):
 def test_bad_runtime_features_warn_and_training_continues():
     monitor = _monitor()
     with pytest.warns(UserWarning, match="representer dump failed"):
-        model, trainer = fit([monitor], model_fn=_HeadTwice, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+        _, trainer = fit(
+            [monitor], model_fn=_HeadTwice, max_epochs=2, limit_train_batches=2, limit_val_batches=1
+        )
     assert trainer.current_epoch == 2 and monitor.problems.counts["dump_failed"] == 2 and monitor.dumps == 0
     assert torch.isnan(trainer.callback_metrics["representer/stationarity"])

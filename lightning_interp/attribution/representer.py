@@ -305,7 +305,9 @@ def fit_representer(
             f"Expected argument `target_probs` to have shape (n={f.shape[0]}, c >= 2), but got {tuple(p.shape)}."
         )
     if not torch.isfinite(f).all():
-        raise LightningInterpError("Expected argument `features` to be finite, but it holds NaN or Inf values.")
+        raise LightningInterpError(
+            "Expected argument `features` to be finite, but it holds NaN or Inf values."
+        )
     if not torch.isfinite(p).all() or (p < -1e-6).any() or ((p.sum(1) - 1).abs() > 1e-4).any():
         raise LightningInterpError(
             "Expected argument `target_probs` to hold probability rows (non-negative, summing to 1), e.g. "
@@ -343,7 +345,9 @@ def fit_representer(
         # superlinear forcing term: loose solves far away, tight ones near the optimum
         rtol = min(0.5, math.sqrt(gnorm)) if gnorm > 0 else 0.5
         q32 = q.float()
-        step, _ = _conjugate_gradient(problem, q32, grad, problem.diagonal(q32), rtol, max_iter=max(50, 2 * dim * c))
+        step, _ = _conjugate_gradient(
+            problem, q32, grad, problem.diagonal(q32), rtol, max_iter=max(50, 2 * dim * c)
+        )
         slope = float((grad * step).sum())
         t = 1.0
         accepted = False

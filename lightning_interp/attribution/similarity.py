@@ -39,7 +39,9 @@ class SparseExamples(NamedTuple):
 
 def _flat(name: str, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise LightningInterpError(f"Expected argument `{name}` to be a tensor of shape (n, d), but got {x!r}.")
+        raise LightningInterpError(
+            f"Expected argument `{name}` to be a tensor of shape (n, d), but got {x!r}."
+        )
     x = x.detach()
     x = x.reshape(x.shape[0], -1) if x.dim() != 2 else x
     return x.to(torch.float64) if not x.is_floating_point() else x

@@ -168,7 +168,9 @@ class RepresenterMonitor(InterpCallback):
         if source is not None:
             inputs, targets, _ = select_examples(source, self.num_examples, self.seed, self.batch_adapter)
             self._examples = (inputs, targets)
-            self._pool, _, self._pool_index = select_examples(source, self.sparse_pool, self.seed, self.batch_adapter)
+            self._pool, _, self._pool_index = select_examples(
+                source, self.sparse_pool, self.seed, self.batch_adapter
+            )
         else:
             self.problems.report("no_val_data", "no validation data; only suspect labels and alpha are shown")
 
@@ -199,9 +201,15 @@ class RepresenterMonitor(InterpCallback):
             pl_module(inputs.to(pl_module.device))
         finally:
             self._capturing = False
-        if len(self._captured) != 1 or self._captured[0].dim() != 2 or self._captured[0].shape[0] != inputs.shape[0]:
+        if (
+            len(self._captured) != 1
+            or self._captured[0].dim() != 2
+            or self._captured[0].shape[0] != inputs.shape[0]
+        ):
             shapes = [tuple(t.shape) for t in self._captured]
-            raise LightningInterpError(f"the head received inputs of shapes {shapes} for a batch of {inputs.shape[0]}")
+            raise LightningInterpError(
+                f"the head received inputs of shapes {shapes} for a batch of {inputs.shape[0]}"
+            )
         return self._captured.pop().float()
 
     def _train_pass(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, ...]:
@@ -222,7 +230,9 @@ class RepresenterMonitor(InterpCallback):
             collate = loader.collate_fn or default_collate
             for start in range(0, len(chosen), self.batch_size):
                 ids = chosen[start : start + self.batch_size]
-                x, y = split_batch(collate([dataset[int(i)] for i in ids]), self.batch_adapter, require_targets=False)
+                x, y = split_batch(
+                    collate([dataset[int(i)] for i in ids]), self.batch_adapter, require_targets=False
+                )
                 feats.append(self._features(pl_module, x))
                 labels.append(y if y is not None else torch.full((len(ids),), -1))
                 index.append(ids)
@@ -320,8 +330,12 @@ class RepresenterMonitor(InterpCallback):
             rows = [f"| {r + 1} | {int(suspects['indices'][r])} | {int(result['labels'][suspects['rows'][r]])} | "
                     f"{int(result['predicted'][suspects['rows'][r]])} | {float(suspects['scores'][r]):.4g} | "
                     f"{float(suspects['model_loss'][r]):.3g} |" for r in range(len(suspects["rows"]))]  # fmt: skip
-            header = "| rank | train index | given | predicted | alpha at given (label refit) | model loss |\n"
-            writer.add_text("representer/suspects", header + "|---|---|---|---|---|---|\n" + "\n".join(rows), step)
+            header = (
+                "| rank | train index | given | predicted | alpha at given (label refit) | model loss |\n"
+            )
+            writer.add_text(
+                "representer/suspects", header + "|---|---|---|---|---|---|\n" + "\n".join(rows), step
+            )
         examples = result.get("examples")
         if examples is not None:
             dataset = self._train_dataset(trainer)
@@ -352,7 +366,9 @@ class RepresenterMonitor(InterpCallback):
         canvas[picture.shape[0] + 2 : picture.shape[0] + 7, : text.shape[1]] = text
         return canvas
 
-    def _grid(self, images: torch.Tensor, examples: dict[str, Any], result: dict[str, Any], dataset: Any) -> np.ndarray:
+    def _grid(
+        self, images: torch.Tensor, examples: dict[str, Any], result: dict[str, Any], dataset: Any
+    ) -> np.ndarray:
         factor = max(1, 48 // max(images.shape[2], images.shape[3]))
         rows = []
         for e in range(images.shape[0]):
@@ -362,7 +378,9 @@ class RepresenterMonitor(InterpCallback):
                 for j, value in zip(examples[f"{kind}_indices"][e], examples[f"{kind}_values"][e]):
                     x, _ = split_batch(default_collate([dataset[int(result["indices"][j])]]), self.batch_adapter,
                                        require_targets=False)  # fmt: skip
-                    row.append(self._cell(x[0], f"Y{int(result['labels'][j])} {sign}{float(value):.2g}", factor))
+                    row.append(
+                        self._cell(x[0], f"Y{int(result['labels'][j])} {sign}{float(value):.2g}", factor)
+                    )
             rows.append(row)
         return tile(rows, pad=3)
 
