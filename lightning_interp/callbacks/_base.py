@@ -37,6 +37,18 @@ class InterpCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(**{k: repr(v) for k, v in self._config().items()})
 
+    # ---- schedule ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _epoch_dump_due(trainer: Trainer, every_n_epochs: int) -> bool:
+        """A periodic dump is due at this training epoch's end: every ``every_n_epochs`` epochs, and at the last
+        epoch the Trainer will run (so the end-of-fit dump can still log scalars; ``on_train_end`` may not)."""
+        epoch = trainer.current_epoch + 1
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        last = (max_epochs is not None and epoch >= max_epochs) or bool(trainer.should_stop) or (
+            trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+        )
+        return epoch % every_n_epochs == 0 or last
+
     # ---- hooks ---------------------------------------------------------------------------------------------
     def _release(self) -> None:
         """Remove every hook this callback registered. Idempotent; called on teardown and on exceptions."""

@@ -185,7 +185,7 @@ class RepresenterMonitor(InterpCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self._epoch_dump_due(trainer, self.every_n_epochs):
             self._dump(trainer, pl_module, log_scalars=True)
 
     @override
