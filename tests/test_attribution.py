@@ -265,7 +265,8 @@ def test_chunking_does_not_change_results(cnn):
     x = _inputs(cnn, batch=5)
     whole = integrated_gradients(cnn, x, 1, n_steps=8, internal_batch_size=1000)
     pieces = integrated_gradients(cnn, x, 1, n_steps=8, internal_batch_size=3)
-    assert torch.allclose(whole, pieces, rtol=1e-5, atol=1e-7 * float(whole.abs().max()))
+    # chunks change conv kernels' summation order: compare on the scale of the map, as for Captum equivalence
+    assert float((whole - pieces).abs().max()) <= 1e-5 * float(whole.abs().max())
 
 
 def test_smoothgrad_generator_is_reproducible_and_global_rng_untouched(cnn):
