@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from lightning import LightningDataModule
@@ -78,7 +80,7 @@ class DigitsDataModule(LightningDataModule):
         images, labels = load_digits_tensors()
         rng = np.random.default_rng(self.seed)
         order = torch.as_tensor(rng.permutation(len(labels)))
-        n_val = int(round(len(labels) * self.val_fraction))
+        n_val = math.ceil(len(labels) * self.val_fraction)  # as scikit-learn's train_test_split: 360 of 1,797
         val_idx, train_idx = order[:n_val], order[n_val:]
         train_labels = labels[train_idx].clone()
         if self.flip_fraction > 0:

@@ -24,10 +24,11 @@ class ProbeBank:
 
     Example:
         >>> bank = ProbeBank(num_classes=3, lr=0.1)
-        >>> x, y = torch.randn(32, 5), torch.randint(3, (32,), generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+        >>> y = x[:, :3].argmax(1)  # a linearly separable rule
         >>> for _ in range(50):
         ...     _ = bank.train_step({"layer": x}, y)
-        >>> (bank.predict({"layer": x})["layer"] == y).float().mean().item() > 0.6
+        >>> (bank.predict({"layer": x})["layer"] == y).float().mean().item() > 0.9
         True
     """
 
