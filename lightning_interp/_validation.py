@@ -47,3 +47,17 @@ def check_choices(name: str, values: Any, choices: Sequence[str]) -> tuple[str, 
             f" (unknown: {unknown})."
         )
     return values
+
+
+def check_module_types(name: str, values: Any) -> tuple[type, ...]:
+    """A sequence of ``nn.Module`` subclasses (the classes themselves, not instances)."""
+    from torch import nn
+
+    values = tuple(values)
+    for value in values:
+        if not (isinstance(value, type) and issubclass(value, nn.Module)):
+            raise LightningInterpError(
+                f"Expected argument `{name}` to hold nn.Module subclasses, but got {value!r}. "
+                f"Pass the classes themselves, e.g. `{name}=[MyNorm]`."
+            )
+    return values

@@ -114,3 +114,8 @@ def test_text_summary_is_served(served):
     base, _ = served
     tags = json.loads(get(base, "/data/plugin/text/tags"))["batchnorm"]
     assert "probe/layers/text_summary" in tags  # TensorBoard serves text tags with this suffix
+    assert "summary/run/text_summary" in tags
+    page = json.loads(get(base, "/data/plugin/text/text", run="batchnorm", tag="summary/run/text_summary"))
+    text = page[-1]["text"]
+    for name in ("LinearProbeMonitor", "net.relu4", "where to look", "samples_per_plugin"):
+        assert name in text, f"{name!r} missing from the run summary"

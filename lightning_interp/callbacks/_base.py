@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_interp._warnings import ProblemCounter
 from lightning_interp.hooks import HookManager
+from lightning_interp.tensorboard import tensorboard_writer
 
 
 class InterpCallback(Callback):
@@ -18,6 +19,8 @@ class InterpCallback(Callback):
     that identify an instance), ``_state`` and ``_load_state``; they register hooks only through ``self.hooks``."""
 
     STATE_VERSION = 1
+    #: one line for the run summary: which tags to open in TensorBoard and what they show
+    WHERE_TO_LOOK = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,6 +39,20 @@ class InterpCallback(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(**{k: repr(v) for k, v in self._config().items()})
+
+    # ---- the run summary -------------------------------------------------------------------------------------
+    def _watched_layers(self) -> list[str]:
+        """The layers this callback resolved in ``setup`` (for the run summary)."""
+        found: list[str] = []
+        for attribute in ("resolved_layers", "norm_layers", "hidden_layers"):
+            found += [layer.name for layer in getattr(self, attribute, []) if layer.name not in found]
+        return found
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback)]
+        if ours and ours[0] is self:  # one summary per run, written by the first of our callbacks
+            write_run_summary(trainer, pl_module, ours)
 
     # ---- schedule ------------------------------------------------------------------------------------------
     @staticmethod
@@ -90,3 +107,49 @@ class InterpCallback(Callback):
             )
             return
         self.problems.load_state_dict(state_dict.get("problems", {}))
+
+
+class PeriodicDumpCallback(InterpCallback):
+    """An InterpCallback whose expensive work (a "dump") runs every ``every_n_epochs`` training epochs and once at
+    the end of fit. Subclasses set ``self.every_n_epochs``, implement ``_dump`` and record
+    ``self._last_dump_step = trainer.global_step`` in it."""
+
+    every_n_epochs: int = 1
+    _last_dump_step: int | None = None
+
+    def _dump(self, trainer: Trainer, pl_module: LightningModule, log_scalars: bool) -> None:
+        raise NotImplementedError
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._epoch_dump_due(trainer, self.every_n_epochs):
+            self._dump(trainer, pl_module, log_scalars=True)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_dump_step != trainer.global_step:
+            self._dump(trainer, pl_module, log_scalars=False)  # Lightning allows no `log` call here
+
+
+def write_run_summary(trainer: Trainer, pl_module: LightningModule, callbacks: list[InterpCallback]) -> None:
+    """One page of text per run (TensorBoard tag ``summary/run``): the model, every lightning-interp callback with
+    its configuration and resolved layers, and where to look."""
+    writer = tensorboard_writer(trainer)
+    if writer is None:
+        return
+    lines = [
+        f"**Model** `{type(pl_module).__name__}`, {sum(p.numel() for p in pl_module.parameters()):,} parameters; "
+        f"max_epochs {trainer.max_epochs}, log_every_n_steps {trainer.log_every_n_steps}, "
+        f"{trainer.world_size} process(es).",
+        "",
+        "| callback | configuration | layers | where to look |",
+        "|---|---|---|---|",
+    ]
+    for callback in callbacks:
+        layers = callback._watched_layers()
+        shown = ", ".join(f"`{name}`" for name in layers[:30]) + (" ..." if len(layers) > 30 else "")
+        config = repr(callback).replace("|", "\\|")
+        lines.append(f"| {type(callback).__name__} | `{config}` | {shown or '-'} | {callback.WHERE_TO_LOOK} |")
+    lines += ["", "Start TensorBoard with `--samples_per_plugin images=1000` to keep every epoch's images."]
+    writer.add_text("summary/run", "\n".join(lines), global_step=trainer.global_step)
+    writer.flush()

@@ -13,7 +13,7 @@ from lightning import LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from lightning_interp._validation import check_positive_float, check_positive_int
+from lightning_interp._validation import check_module_types, check_positive_float, check_positive_int
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks.norm_stats_monitor import logged_step
 from lightning_interp.errors import LightningInterpError
@@ -96,6 +96,7 @@ class GradFlowMonitor(InterpCallback):
     """
 
     STATE_VERSION = 1
+    WHERE_TO_LOOK = "Custom Scalars, section `gradflow`; Images `gradflow/figure`; `gradflow/total/cum_product` for vanishing/exploding"
 
     def __init__(
         self,
@@ -108,13 +109,7 @@ class GradFlowMonitor(InterpCallback):
     ) -> None:
         super().__init__()
         self.layers = layers
-        self.norm_types = tuple(norm_types)
-        for t in self.norm_types:
-            if not (isinstance(t, type) and issubclass(t, nn.Module)):
-                raise LightningInterpError(
-                    f"Expected argument `norm_types` to hold nn.Module subclasses, but got {t!r}. "
-                    "Pass the classes themselves, e.g. `norm_types=[MyNorm]`."
-                )
+        self.norm_types = check_module_types("norm_types", norm_types)
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         if not (isinstance(band, (tuple, list)) and len(band) == 2):
             raise LightningInterpError(

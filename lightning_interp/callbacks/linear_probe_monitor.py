@@ -76,6 +76,7 @@ class LinearProbeMonitor(InterpCallback):
     """
 
     STATE_VERSION = 1
+    WHERE_TO_LOOK = "Custom Scalars, section `probe` (one chart per split, every layer); Images `probe/acc_vs_depth`"
 
     def __init__(
         self,

@@ -13,9 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_interp._validation import check_positive_int
+from lightning_interp._validation import check_module_types, check_positive_int
 from lightning_interp.callbacks._base import InterpCallback
-from lightning_interp.errors import LightningInterpError
 from lightning_interp.layers import Layer, first_tensor, normalization_layers, select_layers
 from lightning_interp.stats.norm_stats import activation_stats, norm_layer_stats, snapshot_running_stats
 from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_writer
@@ -102,6 +101,7 @@ class NormStatsMonitor(InterpCallback):
     """
 
     STATE_VERSION = 1
+    WHERE_TO_LOOK = "Custom Scalars, section `norm` (one chart per statistic); Histograms `norm/`"
 
     def __init__(
         self,
@@ -113,13 +113,7 @@ class NormStatsMonitor(InterpCallback):
     ) -> None:
         super().__init__()
         self.layers = layers
-        self.norm_types = tuple(norm_types)
-        for t in self.norm_types:
-            if not (isinstance(t, type) and issubclass(t, nn.Module)):
-                raise LightningInterpError(
-                    f"Expected argument `norm_types` to hold nn.Module subclasses, but got {t!r}. "
-                    "Pass the classes themselves, e.g. `norm_types=[MyNorm]`."
-                )
+        self.norm_types = check_module_types("norm_types", norm_types)
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.histogram_samples = check_positive_int("histogram_samples", histogram_samples)
         self.output_key = output_key

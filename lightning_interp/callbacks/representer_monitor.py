@@ -20,7 +20,7 @@ from lightning_interp._validation import check_optional_positive_int, check_posi
 from lightning_interp.attribution.representer import fit_representer, suspect_labels
 from lightning_interp.attribution.similarity import nearest_examples, sparse_examples
 from lightning_interp.batches import BatchAdapter, split_batch
-from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._base import PeriodicDumpCallback
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.examples import select_examples
 from lightning_interp.layers import last_linear
@@ -31,7 +31,7 @@ from lightning_interp.tensorboard import log_dir, tensorboard_writer
 __all__ = ["RepresenterMonitor"]
 
 
-class RepresenterMonitor(InterpCallback):
+class RepresenterMonitor(PeriodicDumpCallback):
     """Representer points (Yeh et al. 2018) during ``fit``: the training examples that support (proponents) and
     oppose (opponents) the predictions on fixed validation examples, training labels that look wrong, and
     validation examples the training data barely supports.
@@ -84,6 +84,7 @@ class RepresenterMonitor(InterpCallback):
     """
 
     STATE_VERSION = 1
+    WHERE_TO_LOOK = "Images `representer/examples`; Text `representer/suspects`, `representer/sparse`; Histograms `representer/alpha`"
 
     def __init__(
         self,
@@ -182,16 +183,6 @@ class RepresenterMonitor(InterpCallback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch = trainer.current_epoch  # at on_train_end the Trainer has already counted one epoch more
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._epoch_dump_due(trainer, self.every_n_epochs):
-            self._dump(trainer, pl_module, log_scalars=True)
-
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._last_dump_step != trainer.global_step:
-            self._dump(trainer, pl_module, log_scalars=False)  # Lightning allows no `log` call here
 
     # ---- the dump ------------------------------------------------------------------------------------------------
     def _features(self, pl_module: LightningModule, inputs: torch.Tensor) -> torch.Tensor:

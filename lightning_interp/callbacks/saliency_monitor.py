@@ -17,7 +17,7 @@ from lightning_interp._validation import check_choice, check_choices, check_posi
 from lightning_interp.attribution._gradients import as_target, chunk_size, gradient_scope, input_gradients
 from lightning_interp.attribution.gradients import guided_backprop, quadrature
 from lightning_interp.batches import BatchAdapter
-from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._base import PeriodicDumpCallback
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.examples import select_examples
 from lightning_interp.layers import NORMALIZATIONS
@@ -32,7 +32,7 @@ _SIGNED = {"saliency": False, "smoothgrad": False, "input_x_gradient": True, "in
            "guided_backprop": True}  # fmt: skip
 
 
-class SaliencyMonitor(InterpCallback):
+class SaliencyMonitor(PeriodicDumpCallback):
     """Where the network looks, epoch by epoch: attribution maps of ``num_examples`` fixed validation examples.
 
     The examples are chosen once at fit start by :func:`~lightning_interp.examples.select_examples` (the first
@@ -94,6 +94,7 @@ class SaliencyMonitor(InterpCallback):
     """
 
     STATE_VERSION = 1
+    WHERE_TO_LOOK = "Images `saliency/<method>/examples` (step slider = epochs); Text `saliency/predictions`"
 
     def __init__(
         self,
@@ -184,16 +185,6 @@ class SaliencyMonitor(InterpCallback):
         self._examples = (inputs, targets)
 
     # ---- when ----------------------------------------------------------------------------------------------
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._epoch_dump_due(trainer, self.every_n_epochs):
-            self._dump(trainer, pl_module, log_scalars=True)
-
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._last_dump_step != trainer.global_step:
-            self._dump(trainer, pl_module, log_scalars=False)  # Lightning allows no `log` call here
-
     # ---- the dump ------------------------------------------------------------------------------------------
     def _dump(self, trainer: Trainer, pl_module: LightningModule, log_scalars: bool) -> None:
         if self._examples is None:
