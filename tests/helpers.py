@@ -13,7 +13,7 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.hooks import count_hooks
 from lightning_interp.models import DigitsCNN
 
-__all__ = ["fit", "weights_of", "assert_same_weights", "count_hooks", "quiet_trainer"]
+__all__ = ["fit", "weights_of", "assert_same_weights", "count_hooks", "quiet_trainer", "assert_hooks_removed_when_fit_raises"]
 
 
 def quiet_trainer(callbacks: Sequence[Callback] = (), **kwargs: Any) -> L.Trainer:
@@ -56,3 +56,21 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def assert_hooks_removed_when_fit_raises(make_callback: Callable[[], Any]) -> None:
+    """A fit that raises (an error, then a KeyboardInterrupt, which Lightning 2.6 turns into SystemExit) from a
+    callback after the forward leaves the model and the callback without hooks."""
+    import pytest
+
+    for error, expected in [(RuntimeError("raised on purpose"), RuntimeError), (KeyboardInterrupt(), SystemExit)]:
+
+        class Raise(Callback):
+            def on_train_batch_end(self, *args: Any) -> None:
+                raise error
+
+        model = DigitsCNN()
+        callback = make_callback()
+        with pytest.raises(expected):
+            quiet_trainer([callback, Raise()], max_epochs=1, log_every_n_steps=1).fit(model, DigitsDataModule())
+        assert count_hooks(model) == 0 and len(callback.hooks) == 0

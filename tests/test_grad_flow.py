@@ -21,7 +21,7 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.models import ClassifierModule, DeepMLP, DigitsCNN
 from lightning_interp.stats.grad_flow import PowerIteration, chain_links, param_grad_norms
-from tests.helpers import assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
+from tests.helpers import assert_hooks_removed_when_fit_raises, assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
 
 RTOL = 1e-5
 
@@ -273,22 +273,7 @@ def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
         assert count_hooks(model) == before and len(monitor.hooks) == 0
     assert seen[0] == seen[-1] == before + 4 + 1 + 4  # hidden layers, output layer, normalizations
 
-    for error, expected in [
-        (RuntimeError("raised on purpose"), RuntimeError),
-        (KeyboardInterrupt(), SystemExit),
-    ]:
-
-        class Raise(Callback):
-            def on_train_batch_end(self, *args):
-                raise error
-
-        model = DigitsCNN()
-        monitor = GradFlowMonitor()
-        with pytest.raises(expected):
-            quiet_trainer([monitor, Raise()], max_epochs=1, log_every_n_steps=1).fit(
-                model, DigitsDataModule()
-            )
-        assert count_hooks(model) == 0 and len(monitor.hooks) == 0
+    assert_hooks_removed_when_fit_raises(GradFlowMonitor)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

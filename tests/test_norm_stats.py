@@ -19,7 +19,7 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.models import ClassifierModule, DeepMLP, DigitsCNN
 from lightning_interp.stats.norm_stats import activation_stats, effective_gain, norm_layer_stats
-from tests.helpers import assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
+from tests.helpers import assert_hooks_removed_when_fit_raises, assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
 
 RTOL = 1e-5
 
@@ -280,22 +280,7 @@ def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
         assert count_hooks(model) == 0 and len(monitor.hooks) == 0
     assert seen[0] == seen[-1] == 2 * 4 + 4  # pre + forward per normalization, forward per hidden layer
 
-    for error, expected in [
-        (RuntimeError("raised on purpose"), RuntimeError),
-        (KeyboardInterrupt(), SystemExit),
-    ]:
-
-        class Raise(Callback):
-            def on_train_batch_end(self, *args):
-                raise error
-
-        model = DigitsCNN()
-        monitor = NormStatsMonitor()
-        with pytest.raises(expected):
-            quiet_trainer([monitor, Raise()], max_epochs=1, log_every_n_steps=1).fit(
-                model, DigitsDataModule()
-            )
-        assert count_hooks(model) == 0 and len(monitor.hooks) == 0
+    assert_hooks_removed_when_fit_raises(NormStatsMonitor)
 
 
 class NaNAfterFirst(nn.Module):
