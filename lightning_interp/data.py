@@ -16,7 +16,13 @@ __all__ = ["DigitsDataModule", "SyntheticImageDataModule", "load_digits_tensors"
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as ``(N, 1, 8, 8)`` float32 images scaled to [0, 1] and int64 labels."""
+    """All 1,797 digits as ``(N, 1, 8, 8)`` float32 images scaled to [0, 1] and int64 labels.
+
+    Example:
+        >>> images, labels = load_digits_tensors()
+        >>> tuple(images.shape), float(images.max()), labels.unique().tolist()
+        ((1797, 1, 8, 8), 1.0, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment

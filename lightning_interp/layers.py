@@ -43,7 +43,12 @@ LayerSelector = str | type | Callable[[str, nn.Module], bool]
 
 @dataclass(frozen=True)
 class Layer:
-    """A watched layer: its dotted name in the model and the module (``None`` for the model input)."""
+    """A watched layer: its dotted name in the model and the module (``None`` for the model input).
+
+    Example:
+        >>> Layer("input", None).is_input, Layer("fc", nn.Linear(2, 2)).is_input
+        (True, False)
+    """
 
     name: str
     module: nn.Module | None

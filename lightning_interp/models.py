@@ -32,7 +32,19 @@ def norm_layer(norm: str, channels: int, spatial: tuple[int, ...] = ()) -> nn.Mo
 
 
 class ClassifierModule(LightningModule):
-    """A LightningModule around ``self.net``: cross-entropy, Adam, and ``val_acc`` / ``val_loss`` logging."""
+    """A LightningModule around ``self.net``: cross-entropy, Adam, and ``val_acc`` / ``val_loss`` logging.
+
+    Subclasses build ``self.net`` and ``self.val_accuracy`` in their ``__init__``.
+
+    Example:
+        >>> class Tiny(ClassifierModule):
+        ...     def __init__(self):
+        ...         super().__init__(lr=0.1)
+        ...         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        ...         self.val_accuracy = MulticlassAccuracy(10, average="micro")
+        >>> Tiny()(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
 
     def __init__(self, lr: float = 1e-3) -> None:
         super().__init__()

@@ -29,7 +29,15 @@ def _apply(anchors: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def normalize_unit(values: np.ndarray | torch.Tensor, signed: bool = False) -> np.ndarray:
-    """Scale to [0, 1]: by the max |value| around 0.5 when ``signed``, else min-max."""
+    """Scale to [0, 1]: by the max |value| around 0.5 when ``signed``; else from min(0, min) to max(0, max), so
+    that 0 stays at the dark end of a non-negative map.
+
+    Example:
+        >>> normalize_unit(np.array([-2.0, 0.0, 1.0]), signed=True).tolist()
+        [0.0, 0.5, 0.75]
+        >>> [round(v, 3) for v in normalize_unit(np.array([1.0, 3.0])).tolist()]
+        [0.333, 1.0]
+    """
     array = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
     array = np.nan_to_num(array.astype(np.float64))
     if signed:
@@ -51,7 +59,12 @@ def colorize(values: np.ndarray | torch.Tensor, signed: bool = False, normalize:
 
 
 def to_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A ``(C, H, W)`` or ``(H, W)`` image (C = 1 or 3) as ``(H, W, 3)`` uint8, min-max scaled."""
+    """A ``(C, H, W)`` or ``(H, W)`` image (C = 1 or 3) as ``(H, W, 3)`` uint8, scaled by :func:`normalize_unit`.
+
+    Example:
+        >>> to_rgb(torch.tensor([[[0.0, 1.0]]])).tolist()
+        [[[0, 0, 0], [255, 255, 255]]]
+    """
     array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, float)
     if array.ndim == 3:
         array = array.transpose(1, 2, 0)
@@ -64,7 +77,12 @@ def to_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour enlargement by an integer ``factor`` (keeps pixels crisp)."""
+    """Nearest-neighbour enlargement by an integer ``factor`` (keeps pixels crisp).
+
+    Example:
+        >>> upscale(np.zeros((2, 3, 3), np.uint8), 4).shape
+        (8, 12, 3)
+    """
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
 
 

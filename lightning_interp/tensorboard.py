@@ -17,7 +17,18 @@ _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[Any]]]] = weak
 
 
 def tensorboard_logger(trainer: Trainer) -> TensorBoardLogger | None:
-    """The Trainer's first TensorBoardLogger, or ``None``."""
+    """The Trainer's first TensorBoardLogger, or ``None``.
+
+    Example:
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> import tempfile
+        >>> tmp = tempfile.mkdtemp()
+        >>> loggers = [CSVLogger(tmp), TensorBoardLogger(tmp)]
+        >>> type(tensorboard_logger(Trainer(logger=loggers, enable_progress_bar=False))).__name__
+        'TensorBoardLogger'
+        >>> tensorboard_logger(Trainer(logger=False, enable_progress_bar=False)) is None
+        True
+    """
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger
@@ -29,6 +40,14 @@ def tensorboard_writer(trainer: Trainer, problems: ProblemCounter | None = None)
 
     Without a TensorBoardLogger, ``problems`` (when given) warns once that TensorBoard-only artifacts are skipped.
     On ranks > 0 Lightning's writer is a dummy; returning ``None`` there makes "written once" explicit.
+
+    Example:
+        >>> import tempfile
+        >>> trainer = Trainer(logger=TensorBoardLogger(tempfile.mkdtemp()), enable_progress_bar=False)
+        >>> type(tensorboard_writer(trainer)).__name__
+        'SummaryWriter'
+        >>> tensorboard_writer(Trainer(logger=False, enable_progress_bar=False)) is None
+        True
     """
     logger = tensorboard_logger(trainer)
     if logger is None:
@@ -45,7 +64,15 @@ def tensorboard_writer(trainer: Trainer, problems: ProblemCounter | None = None)
 
 
 def log_dir(trainer: Trainer) -> str | None:
-    """Where the first logger writes files (for ``.pt`` dumps and figures), or ``None`` without a logger."""
+    """Where the first logger writes files (for ``.pt`` dumps and figures), or ``None`` without a logger.
+
+    Example:
+        >>> import os, tempfile
+        >>> tmp = tempfile.mkdtemp()
+        >>> trainer = Trainer(logger=TensorBoardLogger(tmp, name="run", version=0), enable_progress_bar=False)
+        >>> os.path.relpath(log_dir(trainer), tmp)
+        'run/version_0'
+    """
     logger = tensorboard_logger(trainer) or (trainer.loggers[0] if trainer.loggers else None)
     if logger is None:
         return None
@@ -57,6 +84,15 @@ def add_custom_scalar_charts(writer: Any, category: str, charts: dict[str, list[
 
     TensorBoard reads one layout per run, so the charts of every callback are merged here and the whole layout is
     written again; the last one written is the one TensorBoard shows.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> writer = SummaryWriter(tempfile.mkdtemp())
+        >>> add_custom_scalar_charts(writer, "probe", {"val accuracy": [r"probe/val_acc/.*"]})
+        >>> add_custom_scalar_charts(writer, "norm", {"gain": [r"norm/.*/effective_gain"]})
+        >>> sorted(_LAYOUTS[writer])
+        ['norm', 'probe']
     """
     layout = _LAYOUTS.setdefault(writer, {})
     section = layout.setdefault(category, {})
