@@ -115,12 +115,13 @@ class ActivationCapture:
         reducer: Reducer | None = None,
         output_key: str | int | None = None,
         problems: ProblemCounter | None = None,
+        hooks: HookManager | None = None,
     ) -> None:
         self.layers = [layer for layer in layers if not layer.is_input]
         self.reducer = reducer
         self.output_key = output_key
         self.problems = problems or ProblemCounter(type(self).__name__)
-        self.hooks = HookManager()
+        self.hooks = hooks if hooks is not None else HookManager()  # a callback passes its own manager
         self.active = False
         self.activations: dict[str, torch.Tensor] = {}
         self._calls: defaultdict[str, int] = defaultdict(int)

@@ -136,14 +136,15 @@ class LinearProbeMonitor(InterpCallback):
             self.num_classes = head.module.out_features  # type: ignore[union-attr]
         if self.bank is None:
             self.bank = ProbeBank(self.num_classes, lr=self.lr, seed=self.seed)
-        self._capture = ActivationCapture(self.resolved_layers, self.reducer, self.output_key, self.problems)
+        self._capture = ActivationCapture(
+            self.resolved_layers, self.reducer, self.output_key, self.problems, hooks=self.hooks
+        )
 
     def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending_state is not None:
             self.bank.load_state_dict(self._pending_state, pl_module.device)
             self._pending_state = None
         self.bank.to(pl_module.device)
-        self._capture.hooks = self.hooks
         self._capture.attach()
 
     @override
