@@ -13,7 +13,7 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.hooks import count_hooks
 from lightning_interp.models import DigitsCNN
 
-__all__ = ["fit", "weights_of", "assert_same_weights", "count_hooks", "quiet_trainer", "assert_hooks_removed_when_fit_raises"]
+__all__ = ["fit", "weights_of", "assert_same_weights", "count_hooks", "quiet_trainer", "assert_hook_hygiene"]
 
 
 def quiet_trainer(callbacks: Sequence[Callback] = (), **kwargs: Any) -> L.Trainer:
@@ -58,10 +58,24 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-def assert_hooks_removed_when_fit_raises(make_callback: Callable[[], Any]) -> None:
-    """A fit that raises (an error, then a KeyboardInterrupt, which Lightning 2.6 turns into SystemExit) from a
-    callback after the forward leaves the model and the callback without hooks."""
+def assert_hook_hygiene(make_callback: Callable[[], Any], hooks_during_fit: int) -> None:
+    """Two fits in a row keep ``hooks_during_fit`` hooks on the model while training and none afterwards; a fit
+    that raises (an error, then a KeyboardInterrupt, which Lightning 2.6 turns into SystemExit) from a callback
+    after the forward leaves the model and the callback without hooks."""
     import pytest
+
+    model, callback, seen = DigitsCNN(), make_callback(), []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            seen.append(count_hooks(pl_module))
+
+    for _ in range(2):
+        quiet_trainer([callback, Count()], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
+            model, DigitsDataModule()
+        )
+        assert count_hooks(model) == 0 and len(callback.hooks) == 0
+    assert seen[0] == seen[-1] == hooks_during_fit
 
     for error, expected in [(RuntimeError("raised on purpose"), RuntimeError), (KeyboardInterrupt(), SystemExit)]:
 

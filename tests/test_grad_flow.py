@@ -21,7 +21,7 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.models import ClassifierModule, DeepMLP, DigitsCNN
 from lightning_interp.stats.grad_flow import PowerIteration, chain_links, param_grad_norms
-from tests.helpers import assert_hooks_removed_when_fit_raises, assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
+from tests.helpers import assert_hook_hygiene, assert_same_weights, fit, quiet_trainer, weights_of
 
 RTOL = 1e-5
 
@@ -257,23 +257,7 @@ def test_logs_only_on_logged_steps_and_writes_figure(tmp_path):
 
 
 def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
-    model = DigitsCNN()
-    before = count_hooks(model)
-    monitor = GradFlowMonitor()
-    seen = []
-
-    class Count(Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            seen.append(count_hooks(pl_module))
-
-    for _ in range(2):
-        quiet_trainer([monitor, Count()], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
-            model, DigitsDataModule()
-        )
-        assert count_hooks(model) == before and len(monitor.hooks) == 0
-    assert seen[0] == seen[-1] == before + 4 + 1 + 4  # hidden layers, output layer, normalizations
-
-    assert_hooks_removed_when_fit_raises(GradFlowMonitor)
+    assert_hook_hygiene(GradFlowMonitor, hooks_during_fit=4 + 1 + 4)  # hidden layers, output layer, normalizations
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

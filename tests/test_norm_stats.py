@@ -19,7 +19,7 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.models import ClassifierModule, DeepMLP, DigitsCNN
 from lightning_interp.stats.norm_stats import activation_stats, effective_gain, norm_layer_stats
-from tests.helpers import assert_hooks_removed_when_fit_raises, assert_same_weights, count_hooks, fit, quiet_trainer, weights_of
+from tests.helpers import assert_hook_hygiene, assert_same_weights, fit, quiet_trainer, weights_of
 
 RTOL = 1e-5
 
@@ -265,22 +265,7 @@ def test_csv_logger_gets_scalars(tmp_path):
 
 
 def test_hooks_removed_after_fit_raise_interrupt_and_two_fits():
-    model = DigitsCNN()
-    monitor = NormStatsMonitor()
-    seen = []
-
-    class Count(Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            seen.append(count_hooks(pl_module))
-
-    for _ in range(2):
-        quiet_trainer([monitor, Count()], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
-            model, DigitsDataModule()
-        )
-        assert count_hooks(model) == 0 and len(monitor.hooks) == 0
-    assert seen[0] == seen[-1] == 2 * 4 + 4  # pre + forward per normalization, forward per hidden layer
-
-    assert_hooks_removed_when_fit_raises(NormStatsMonitor)
+    assert_hook_hygiene(NormStatsMonitor, hooks_during_fit=2 * 4 + 4)  # pre + forward per norm, forward per hidden
 
 
 class NaNAfterFirst(nn.Module):
