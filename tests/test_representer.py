@@ -37,13 +37,7 @@ def _random_problem(n: int = 400, d: int = 12, c: int = 4, seed: int = 0):
     return feats, probs, labels, head
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small float64 matmuls on a shared 2-core machine run up to 40x slower with 2 contending threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from lightning_interp.errors import LightningInterpError
 from lightning_interp.models import ClassifierModule, DigitsCNN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _monitor(**kwargs) -> RepresenterMonitor:
