@@ -91,7 +91,19 @@ def input_kind(shape: Sequence[int]) -> str | None:
 
 
 def robust_unit(values: np.ndarray, signed: bool, percentile: float = 99.0) -> np.ndarray:
-    """Scale to [0, 1] by the ``percentile`` of |values| (outliers clipped): 0.5 = zero when ``signed``."""
+    """Scale to [0, 1] by the ``percentile`` of |values| (outliers clipped): 0.5 = zero when ``signed``.
+
+    Example:
+        >>> robust_unit(np.array([-2.0, 0.0, 1.0, 2.0]), signed=True, percentile=100).tolist()
+        [0.0, 0.5, 0.75, 1.0]
+        >>> spike = np.array([0.0, 1.0, 2.0, 3.0, 100.0])
+        >>> robust_unit(spike, signed=False, percentile=100).round(2).tolist()  # one outlier darkens the rest
+        [0.0, 0.01, 0.02, 0.03, 1.0]
+        >>> robust_unit(spike, signed=False, percentile=50).tolist()  # scaled by the median, outlier clipped
+        [0.0, 0.5, 1.0, 1.0, 1.0]
+        >>> robust_unit(np.zeros(3), signed=True).tolist()
+        [0.5, 0.5, 0.5]
+    """
     values = np.nan_to_num(np.asarray(values, dtype=np.float64))
     scale = np.percentile(np.abs(values), percentile) if values.size else 0.0
     if scale <= 0:

@@ -23,7 +23,20 @@ _MIN_CHUNK, _MAX_CHUNK = 32, 2048
 
 
 def as_target(target: Target, batch_size: int, device: torch.device) -> torch.Tensor | None:
-    """``target`` as a ``(batch_size,)`` int64 tensor of class indices (``None`` stays ``None``)."""
+    """``target`` as a ``(batch_size,)`` int64 tensor of class indices (``None`` stays ``None``).
+
+    Example:
+        >>> as_target(2, batch_size=3, device=torch.device("cpu"))
+        tensor([2, 2, 2])
+        >>> as_target(torch.tensor([[0], [4]], dtype=torch.int32), batch_size=2, device=torch.device("cpu"))
+        tensor([0, 4])
+        >>> as_target(None, batch_size=3, device=torch.device("cpu")) is None
+        True
+        >>> as_target([0, 1], batch_size=3, device=torch.device("cpu"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        lightning_interp.errors.LightningInterpError: Expected argument `target` to be an int or hold one ...
+    """
     if target is None:
         return None
     if isinstance(target, bool):
@@ -81,6 +94,17 @@ def select_outputs(output: object, target: torch.Tensor | None) -> torch.Tensor:
 def gradient_scope(model: Forward) -> Iterator[None]:
     """Gradients on (even under ``no_grad``/``inference_mode``), the model's parameters frozen meanwhile so no
     weight gradient is computed or stored; their ``requires_grad`` flags are restored on exit, exceptions included.
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> with torch.no_grad(), gradient_scope(model):
+        ...     frozen = not model.weight.requires_grad
+        ...     x = prepare_inputs(torch.ones(4, 3)).requires_grad_(True)
+        ...     (grad,) = torch.autograd.grad(model(x)[:, 1].sum(), x)
+        >>> frozen, bool(torch.equal(grad, model.weight[1].detach().expand(4, 3)))
+        (True, True)
+        >>> model.weight.requires_grad, model.weight.grad is None
+        (True, True)
     """
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
     flags = [p.requires_grad for p in params]
@@ -95,7 +119,20 @@ def gradient_scope(model: Forward) -> Iterator[None]:
 
 
 def prepare_inputs(inputs: torch.Tensor) -> torch.Tensor:
-    """A detached clone usable by autograd (inference tensors cannot be); call inside :func:`gradient_scope`."""
+    """A detached clone usable by autograd (inference tensors cannot be); call inside :func:`gradient_scope`.
+
+    Example:
+        >>> with torch.inference_mode():
+        ...     batch = torch.ones(2, 3)
+        >>> with gradient_scope(nn.Identity()):
+        ...     x = prepare_inputs(batch).requires_grad_(True)
+        >>> batch.is_inference(), x.is_inference(), x.requires_grad
+        (True, False, True)
+        >>> prepare_inputs(torch.arange(3))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        lightning_interp.errors.LightningInterpError: Expected argument `inputs` to be a floating-point ...
+    """
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() < 1:
         raise LightningInterpError(
             "Expected argument `inputs` to be a floating-point tensor with a batch dimension, but got "
@@ -105,7 +142,16 @@ def prepare_inputs(inputs: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_size(internal_batch_size: int | None, example_shape: Sequence[int], total: int) -> int:
-    """Points per pass: the caller's ``internal_batch_size``, else a size bounded by input elements."""
+    """Points per pass: the caller's ``internal_batch_size``, else a size bounded by input elements.
+
+    Example:
+        >>> chunk_size(None, (1, 8, 8), total=10_000)  # small inputs: capped at 2048 points
+        2048
+        >>> chunk_size(None, (3, 224, 224), total=10_000)  # large inputs: at least 32 points
+        32
+        >>> chunk_size(None, (3, 224, 224), total=5), chunk_size(64, (3, 224, 224), total=10_000)
+        (5, 64)
+    """
     if internal_batch_size is not None:
         bad = isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int)
         if bad or internal_batch_size < 1:
@@ -127,7 +173,20 @@ def input_gradients(
     chunk: int,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """For ``total`` points made ``chunk`` at a time by ``points(start, stop)``, yield ``(start, stop, grad)``:
-    the gradient of the sum of the target outputs w.r.t. the points. Call inside :func:`gradient_scope`."""
+    the gradient of the sum of the target outputs w.r.t. the points. Call inside :func:`gradient_scope`.
+
+    Example:
+        >>> model = nn.Linear(2, 3)
+        >>> x = torch.randn(5, 2)
+        >>> points = lambda start, stop: x[start:stop]
+        >>> targets = lambda start, stop: torch.ones(stop - start, dtype=torch.long)  # class 1 everywhere
+        >>> with gradient_scope(model):
+        ...     parts = list(input_gradients(model, 5, points, targets, chunk=2))
+        >>> [(start, stop, tuple(grad.shape)) for start, stop, grad in parts]
+        [(0, 2, (2, 2)), (2, 4, (2, 2)), (4, 5, (1, 2))]
+        >>> bool(torch.equal(torch.cat([g for _, _, g in parts]), model.weight[1].detach().expand(5, 2)))
+        True
+    """
     for start in range(0, total, chunk):
         stop = min(total, start + chunk)
         x = points(start, stop).detach().requires_grad_(True)

@@ -43,7 +43,24 @@ _CHUNK_BYTES = 64 * 2**20
 
 class RepresenterTopK(NamedTuple):
     """The ``k`` strongest proponents (largest positive values) and opponents (most negative values) per test
-    point; each tensor is ``(m, k)``, strongest first. Indices are rows of the training features."""
+    point; each tensor is ``(m, k)``, strongest first. Indices are rows of the training features.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f = torch.randn(100, 4, generator=g)
+        >>> fit = fit_representer(f, torch.softmax(2 * f[:, :3], dim=1), lam=0.01)
+        >>> test = torch.randn(2, 4, generator=g)
+        >>> top = fit.top_k(test, k=3, classes=0)
+        >>> top.proponent_indices.shape, top.opponent_values.shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+        >>> bool((top.proponent_values > 0).all()), bool((top.opponent_values < 0).all())
+        (True, True)
+        >>> values = fit.values(test, classes=0)  # the full (m, n) matrix that top_k never builds
+        >>> bool(torch.equal(top.proponent_indices, values.topk(3, dim=1).indices))
+        True
+        >>> bool(torch.equal(top.opponent_values, values.topk(3, dim=1, largest=False).values))
+        True
+    """
 
     proponent_indices: torch.Tensor
     proponent_values: torch.Tensor
@@ -52,7 +69,16 @@ class RepresenterTopK(NamedTuple):
 
 
 class SuspectRanking(NamedTuple):
-    """Training examples ranked from most to least suspect: ``indices`` (k,), ``scores`` (k,) and the rule."""
+    """Training examples ranked from most to least suspect: ``indices`` (k,), ``scores`` (k,) and the rule.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])  # the model's softmax outputs
+        >>> ranking = suspect_labels(torch.zeros(3, 1), torch.tensor([0, 0, 1]), rule="loss", probs=probs)
+        >>> ranking.indices.tolist(), ranking.rule
+        ([1, 2, 0], 'loss')
+        >>> [round(score, 3) for score in ranking.scores.tolist()]  # -log p(given label): -log 0.2, ...
+        [1.609, 0.916, 0.105]
+    """
 
     indices: torch.Tensor
     scores: torch.Tensor
@@ -83,6 +109,20 @@ class RepresenterFit:
         converged: whether ``stationarity <= tol`` was reached.
         decomposition_residual: ``max |z_i - sum_j alpha_j (f_j . f_i + 1)| / max |z_i|`` over the training points
             (relative; what the representer decomposition misses because the optimum is not exact).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f = torch.randn(100, 4, generator=g)
+        >>> fit = fit_representer(f, torch.softmax(2 * f[:, :3], dim=1), lam=0.01)
+        >>> fit.alpha.shape, fit.weight.shape, fit.bias.shape, fit.features.shape  # ones column appended
+        (torch.Size([100, 3]), torch.Size([3, 4]), torch.Size([3]), torch.Size([100, 5]))
+        >>> fit.converged, fit.stationarity <= 1e-9, fit.decomposition_residual < 1e-6
+        (True, True, True)
+        >>> float(fit.alpha.sum(dim=1).abs().max()) < 1e-12  # alpha_i = (p_i - q_i) / (2 lam n) sums to 0
+        True
+        >>> test = torch.randn(2, 4, generator=g)
+        >>> bool(torch.allclose(fit.decomposed_logits(test), fit.logits(test), atol=1e-7))
+        True
     """
 
     alpha: torch.Tensor

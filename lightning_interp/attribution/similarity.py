@@ -23,7 +23,18 @@ _CHUNK_BYTES = 64 * 2**20
 
 class Neighbors(NamedTuple):
     """``indices`` (m, k) of the nearest training examples, nearest first, and their ``scores`` (m, k): the
-    similarity for ``cosine``/``dot``, the negated distance for ``euclidean`` (larger is always nearer)."""
+    similarity for ``cosine``/``dot``, the negated distance for ``euclidean`` (larger is always nearer).
+
+    Example:
+        >>> train = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+        >>> query = torch.tensor([[0.0, 1.0]])
+        >>> near = nearest_examples(query, train, k=2, metric="euclidean")
+        >>> near.indices.tolist(), [round(s, 3) for s in near.scores[0].tolist()]  # distances 1 and sqrt(2)
+        ([[1, 0]], [-1.0, -1.414])
+        >>> near = nearest_examples(query, train, k=2, metric="cosine")
+        >>> near.indices.tolist(), [round(s, 3) for s in near.scores[0].tolist()]
+        ([[1, 2]], [1.0, 0.8])
+    """
 
     indices: torch.Tensor
     scores: torch.Tensor
@@ -31,7 +42,15 @@ class Neighbors(NamedTuple):
 
 class SparseExamples(NamedTuple):
     """Test points ranked from least to most supported: ``indices`` (num,) and ``scores`` (num,), the mean score of
-    each one's ``k`` nearest training examples (lowest first)."""
+    each one's ``k`` nearest training examples (lowest first).
+
+    Example:
+        >>> train = torch.tensor([[1.0, 0.0], [0.9, 0.1]])
+        >>> test = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+        >>> sparse = sparse_examples(test, train, k=2)  # mean cosine similarity to the 2 nearest
+        >>> sparse.indices.tolist(), [round(s, 3) for s in sparse.scores.tolist()]
+        ([1, 2, 0], [0.055, 0.744, 0.997])
+    """
 
     indices: torch.Tensor
     scores: torch.Tensor

@@ -180,7 +180,17 @@ class PowerIteration:
 @dataclass(frozen=True)
 class ChainLink:
     """What feeds a hidden layer in a plain chain: its weight layer and the normalization after it (if
-    any)."""
+    any).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+        ...                     nn.Linear(4 * 6 * 6, 2))
+        >>> links, output = chain_links(net, ["2", "missing"])
+        >>> links
+        [ChainLink(hidden='2', weight='0', norm='1'), ChainLink(hidden='missing', weight=None, norm=None)]
+        >>> output
+        '4'
+    """
 
     hidden: str
     weight: str | None
