@@ -13,7 +13,43 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.hooks import count_hooks
 from lightning_interp.models import DigitsCNN
 
-__all__ = ["fit", "weights_of", "assert_same_weights", "count_hooks", "quiet_trainer", "assert_hook_hygiene"]
+__all__ = [
+    "fit",
+    "weights_of",
+    "assert_same_weights",
+    "count_hooks",
+    "quiet_trainer",
+    "assert_hook_hygiene",
+    "every_callback",
+    "OrderedDigits",
+]
+
+
+def every_callback(representer_examples: int = 200) -> list[Callback]:
+    """One instance of each of the package's callbacks at its most frequent setting (dumps every epoch, the
+    randomization check on so every rank computes saliency maps), kept small enough for tests."""
+    from lightning_interp.callbacks import (
+        GradFlowMonitor,
+        LinearProbeMonitor,
+        NormStatsMonitor,
+        RepresenterMonitor,
+        SaliencyMonitor,
+    )
+
+    return [
+        LinearProbeMonitor(),
+        NormStatsMonitor(every_n_epochs=1),
+        GradFlowMonitor(every_n_epochs=1),
+        SaliencyMonitor(every_n_epochs=1, num_examples=4, randomization_check=True),
+        RepresenterMonitor(every_n_epochs=1, max_train_examples=representer_examples, num_examples=4, sparse_pool=64),
+    ]
+
+
+class OrderedDigits(DigitsDataModule):
+    """Digits without shuffling: a run resumed from a checkpoint sees the batches an uninterrupted run sees."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False)
 
 
 def quiet_trainer(callbacks: Sequence[Callback] = (), **kwargs: Any) -> L.Trainer:

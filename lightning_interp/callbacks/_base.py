@@ -49,7 +49,8 @@ class InterpCallback(Callback):
         return found
 
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # here rather than in on_fit_start: a resumed run has restored its global step by now
         ours = [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback)]
         if ours and ours[0] is self:  # one summary per run, written by the first of our callbacks
             write_run_summary(trainer, pl_module, ours)

@@ -149,6 +149,7 @@ class LinearProbeMonitor(InterpCallback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self._attach(trainer, pl_module)
         names = [layer.name for layer in self.resolved_layers]

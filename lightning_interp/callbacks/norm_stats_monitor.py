@@ -147,6 +147,7 @@ class NormStatsMonitor(InterpCallback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self._release()
         for layer in self.norm_layers:

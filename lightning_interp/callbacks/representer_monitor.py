@@ -162,6 +162,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self.hooks.forward(self.head, self._hook)
         source = _validation_source(trainer)

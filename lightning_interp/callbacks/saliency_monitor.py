@@ -165,6 +165,7 @@ class SaliencyMonitor(PeriodicDumpCallback):
     # ---- choosing the examples -----------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._random_state = None
         if self._given:
             return
