@@ -38,7 +38,15 @@ _VERSION = re.compile(r"^(lightning_logs|version_\d+)$")
 
 @dataclass
 class RunSummary:
-    """What ``compare`` reports about one run (``nan`` / ``None`` where the run lacks the tag)."""
+    """What ``compare`` reports about one run (``nan`` / ``None`` where the run lacks the tag).
+
+    Example:
+        >>> run = RunSummary("mlp/none", final_val_acc=0.42, val_acc_curve=[(1, 0.3), (2, 0.42)])
+        >>> run.epochs_to_target is None, math.isnan(run.dead_frac), run.probe_acc
+        (True, True, {})
+        >>> print(summary_table([run]).splitlines()[-1])  # logged but never reached 90%; other tags absent
+        | mlp/none | 0.420 | never | — | — | — | — | — |
+    """
 
     name: str
     final_val_acc: float = float("nan")
@@ -80,7 +88,30 @@ def find_runs(runs_dir: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def read_run(name: str, folder: str | os.PathLike[str]) -> RunSummary:
-    """Summarise one run's event files (see the module docstring for the tags read)."""
+    """Summarise one run's event files (see the module docstring for the tags read).
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> logged = [(0, 10, 0.5, 0.5), (1, 20, 0.92, 2.0), (2, 30, 0.95, 1.0)]  # epoch, step, acc, product
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     with SummaryWriter(folder) as writer:
+        ...         for epoch, step, acc, product in logged:
+        ...             writer.add_scalar("val_acc", acc, step)
+        ...             writer.add_scalar("epoch", epoch, step)
+        ...             writer.add_scalar("gradflow/total/cum_product", product, step)
+        ...         writer.add_scalar("probe/val_acc/relu1", 0.9, 30)
+        ...         writer.add_scalar("probe/val_acc/input", 0.8, 30)
+        ...     run = read_run("demo", folder)
+        >>> [(epochs, round(acc, 2)) for epochs, acc in run.val_acc_curve]  # (epochs done, val_acc)
+        [(1, 0.5), (2, 0.92), (3, 0.95)]
+        >>> run.epochs_to_target, run.median_cum_product
+        (2, 1.0)
+        >>> {layer: round(acc, 2) for layer, acc in run.probe_acc.items()}  # input first
+        {'input': 0.8, 'relu1': 0.9}
+        >>> math.isnan(run.dead_frac)  # no norm/total/dead_frac in this run
+        True
+    """
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
@@ -125,6 +156,22 @@ def compare_runs(runs_dir: str | os.PathLike[str]) -> list[RunSummary]:
 
     Raises:
         LightningInterpError: ``runs_dir`` does not exist or holds no event files.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for folder, acc in [("batchnorm/version_0", 0.95), ("none/lightning_logs/version_3", 0.7)]:
+        ...         with SummaryWriter(os.path.join(root, folder)) as writer:
+        ...             writer.add_scalar("val_acc", acc, 0)
+        ...     runs = compare_runs(root)
+        >>> [(run.name, round(run.final_val_acc, 2)) for run in runs]  # names without the version parts
+        [('batchnorm', 0.95), ('none', 0.7)]
+        >>> with tempfile.TemporaryDirectory() as empty:
+        ...     compare_runs(empty)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        lightning_interp.errors.LightningInterpError: Expected argument `runs_dir` to hold runs ...
     """
     root = Path(runs_dir)
     if not root.is_dir():
@@ -193,7 +240,20 @@ def summary_table(runs: list[RunSummary]) -> str:
 
 def write_figure(runs: list[RunSummary], path: str | os.PathLike[str]) -> bool:
     """Validation accuracy per epoch, the cumulative gradient product per step (log scale) and the final probe
-    accuracy per layer, one line per run, as a PNG. Returns ``False`` (with a warning) without matplotlib."""
+    accuracy per layer, one line per run, as a PNG. Returns ``False`` (with a warning) without matplotlib.
+
+    Example:
+        >>> import tempfile
+        >>> run = RunSummary("a", val_acc_curve=[(1, 0.5), (2, 0.9)], probe_acc={"input": 0.8, "relu1": 0.9},
+        ...                  cum_product_curve=[(10, 0.5), (20, 2.0)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     wrote = write_figure([run], os.path.join(folder, "compare.png"))
+        ...     png = Path(folder, "compare.png").read_bytes()
+        >>> wrote, png[1:4]  # the PNG signature
+        (True, b'PNG')
+        >>> int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # width, height in pixels
+        (1500, 450)
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -228,7 +288,28 @@ def write_figure(runs: list[RunSummary], path: str | os.PathLike[str]) -> bool:
 
 def compare_command(runs_dir: str | os.PathLike[str]) -> str:
     """What ``lightning-interp compare RUNS_DIR`` does: read the runs, write ``RUNS_DIR/compare.md`` and
-    ``RUNS_DIR/compare.png``, and return the table (with the paths written) as text to print."""
+    ``RUNS_DIR/compare.png``, and return the table (with the paths written) as text to print.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     with SummaryWriter(os.path.join(root, "batchnorm")) as writer:
+        ...         for step, acc in [(10, 0.8), (20, 0.95)]:
+        ...             writer.add_scalar("val_acc", acc, step)
+        ...             writer.add_scalar("gradflow/total/cum_product", 0.5, step)
+        ...     report = compare_command(root)
+        ...     written = sorted(path.name for path in Path(root).iterdir() if path.is_file())
+        >>> print(report)  # doctest: +ELLIPSIS
+        | run | final val acc | epochs to 90% | ...
+        |---|---|---|---|---|---|---|---|
+        | batchnorm | 0.950 | 2 | — | 0.5 | — | — | — |
+        <BLANKLINE>
+        markdown: .../compare.md
+        figure:   .../compare.png
+        >>> written
+        ['compare.md', 'compare.png']
+    """
     root = Path(runs_dir)
     runs = compare_runs(root)
     table = summary_table(runs)
