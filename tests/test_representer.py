@@ -196,6 +196,17 @@ def test_fit_errors():
     bad[0, 0] = float("nan")
     with pytest.raises(LightningInterpError, match="`features`"):
         fit_representer(bad, probs)
+    bad[0, 0], bad[1, 0] = float("inf"), float("-inf")  # the finiteness check sums first: inf - inf is NaN
+    with pytest.raises(LightningInterpError, match="`features`"):
+        fit_representer(bad, probs)
+    bad_probs = probs.clone()
+    bad_probs[3, 1] = float("nan")
+    with pytest.raises(LightningInterpError, match="`target_probs`"):
+        fit_representer(feats, bad_probs)
+    # finite values whose sum overflows are not mistaken for NaN/Inf (uniform targets: the zero start is optimal)
+    huge = torch.zeros(20, 3, dtype=torch.float64)
+    huge[:2, 0] = 1e308
+    assert fit_representer(huge, torch.full((20, 3), 1 / 3)).converged
     with pytest.raises(LightningInterpError, match="`init_weight`"):
         fit_representer(feats, probs, init_weight=torch.zeros(2, 2))
 
