@@ -12,8 +12,12 @@ For each size we report: their time and the stationarity (max |grad J|, in float
 the same stationarity; our time for the default run (``tol=1e-9``); and the relative decomposition error
 ``max |z - sum_i alpha_i (f_i . f + 1)| / max |z|`` on the training points of both.
 
-Usage: ``python benchmarks/bench_representer.py [--quick]`` (``BENCH_THREADS`` sets torch threads; default 1 so
-that the comparison is not swamped by thread contention on a shared machine).
+Small cases are timed in interleaved rounds (theirs, ours to their stationarity, ours to 1e-9; ``--repeats``,
+default 7) and reported as median [min-max] with the ratio of the medians and the range of the per-round ratios.
+
+Usage: ``python benchmarks/bench_representer.py [--quick] [--cases digits,50000x512] [--repeats 7]
+[--no-suspects] [--topk-memory]`` (``BENCH_THREADS`` sets torch threads; default 1 so that the comparison is not
+swamped by thread contention on a shared machine).
 """
 
 from __future__ import annotations
@@ -173,6 +177,12 @@ def suspect_comparison(seeds: list[int], norms: list[str], epochs: int = 15) -> 
     return rows
 
 
+def _spread(times: list[float]) -> str:
+    """``median s [min-max]`` of a list of wall times."""
+    med = statistics.median(times)
+    return f"{med:.3f} s" if len(times) == 1 else f"{med:.3f} s [{min(times):.3f}-{max(times):.3f}]"
+
+
 def run_case(
     name: str,
     feats: torch.Tensor,
@@ -180,27 +190,88 @@ def run_case(
     head: torch.Tensor,
     budget_s: float,
     lam: float = 0.003,
+    repeats: int = 7,
 ) -> list:
-    repeats = 5 if len(feats) * feats.shape[1] < 200_000 else 1  # small cases: median of 5 against noise
-    t_theirs, (w_theirs, iters, finished) = _timed(
-        lambda: authors_procedure(feats, probs, head, lam, budget_s=budget_s), repeats
-    )
-    s_theirs, r_theirs = stationarity_and_residual(feats, probs, w_theirs, lam)
+    """Their procedure, ours to their stationarity and ours to 1e-9. Small cases: ``repeats`` interleaved
+    rounds (theirs, ours matched, ours default) after one warm-up run of theirs that fixes their stationarity
+    (their loop is deterministic when it stops by its own rule), so that load on a shared machine hits all
+    three alike. Large cases (``n d >= 200,000``, where their loop may be cut off by ``budget_s`` and a cut-off
+    run's stationarity depends on the load): one round."""
     weight, bias = head[:, :-1], head[:, -1]
-    t_matched, _ = _timed(
-        lambda: fit_representer(feats, probs, lam=lam, tol=s_theirs, init_weight=weight, init_bias=bias),
-        repeats,
-    )
-    t_ours, ours = _timed(
-        lambda: fit_representer(feats, probs, lam=lam, init_weight=weight, init_bias=bias), repeats
-    )
-    mark = "" if finished else " (cut off)"
+    rounds = repeats if len(feats) * feats.shape[1] < 200_000 else 1
+
+    def theirs() -> tuple[torch.Tensor, int, bool]:
+        return authors_procedure(feats, probs, head, lam, budget_s=budget_s)
+
+    t0 = time.perf_counter()
+    w_theirs, iters, finished = theirs()
+    t_first = time.perf_counter() - t0
+    s_theirs, r_theirs = stationarity_and_residual(feats, probs, w_theirs, lam)
+    runs = {
+        "theirs": theirs,
+        "matched": lambda: fit_representer(
+            feats, probs, lam=lam, tol=s_theirs, init_weight=weight, init_bias=bias
+        ),
+        "default": lambda: fit_representer(feats, probs, lam=lam, init_weight=weight, init_bias=bias),
+    }
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    if rounds == 1:
+        times["theirs"].append(t_first)
+    outputs = {}
+    for _ in range(rounds):
+        for key, fn in runs.items():
+            if rounds == 1 and key == "theirs":
+                continue
+            t0 = time.perf_counter()
+            outputs[key] = fn()
+            times[key].append(time.perf_counter() - t0)
+    ours = outputs["default"]
+    med = {key: statistics.median(v) for key, v in times.items()}
+
+    def ratio(key: str) -> str:
+        """Ratio of the medians, and the range of the per-round ratios."""
+        per_round = [a / b for a, b in zip(times[key], times["theirs"])]
+        spread = f"; rounds {min(per_round):.2f}-{max(per_round):.2f}x" if rounds > 1 else ""
+        return f"({med[key] / med['theirs']:.2f}x{spread})"
+
+    mark = "" if finished else ", cut off"
     prefix = "" if finished else ">= "
     return [
-        name, f"{prefix}{t_theirs:.3f} s ({iters} it{mark})", f"{s_theirs:.1e}", f"{r_theirs:.1e}",
-        f"{t_matched:.3f} s ({t_matched / t_theirs:.2f}x)", f"{t_ours:.3f} s ({t_ours / t_theirs:.2f}x)",
-        f"{ours.stationarity:.0e}", f"{ours.decomposition_residual:.0e}",
+        name, f"{prefix}{_spread(times['theirs'])} ({iters} it{mark})", f"{s_theirs:.1e}", f"{r_theirs:.1e}",
+        f"{_spread(times['matched'])} {ratio('matched')}", f"{_spread(times['default'])} {ratio('default')}",
+        f"{ours.stationarity:.0e}", f"{ours.decomposition_residual:.0e}", str(rounds),
     ]  # fmt: skip
+
+
+def topk_memory_mb(n: int = 50_000, d: int = 512, m: int = 10_000, k: int = 5) -> tuple[float, float]:
+    """Peak extra resident memory (MB) of ``top_k`` for ``m`` test points against ``n`` training points, and
+    its time: the peak-RSS mark is reset just before (``/proc/self/clear_refs``), so the peak counts only what
+    top_k allocates on top of the fit it is given. Linux only."""
+    from lightning_interp.attribution import RepresenterFit
+
+    def rss(field: str) -> float:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith(field))
+        return int(line.split()[1]) / 1024
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.ones(n, d + 1, dtype=torch.float64)
+    feats[:, :d] = torch.randn(n, d, generator=g, dtype=torch.float64)
+    alpha = torch.randn(n, 10, generator=g, dtype=torch.float64)
+    fit = RepresenterFit(alpha, torch.randn(10, d, generator=g, dtype=torch.float64),
+                         torch.zeros(10, dtype=torch.float64), feats, 0.003, 0.0, 0, True)  # fmt: skip
+    test = torch.randn(m, d, generator=g)
+    fit.top_k(test[:3], k=k)  # warm-up: library code and allocator pools
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = rss("VmRSS:")
+    t0 = time.perf_counter()
+    fit.top_k(test, k=k)
+    elapsed = time.perf_counter() - t0
+    return rss("VmHWM:") - before, elapsed
+
+
+CASES = ["digits", "5000x64", "5000x512", "50000x64", "50000x512"]
 
 
 def main() -> None:
@@ -214,24 +285,39 @@ def main() -> None:
         default=None,
         help="seconds after which the authors' loop is cut off (default 60; 20 with --quick)",
     )
+    parser.add_argument("--cases", default=None, help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds for the small cases")
+    parser.add_argument("--no-suspects", action="store_true", help="skip the suspect-label comparison")
+    parser.add_argument(
+        "--topk-memory", action="store_true", help="peak extra memory of top_k, 50,000 train x 10,000 test"
+    )
     args = parser.parse_args()
     budget = args.budget if args.budget is not None else (20.0 if args.quick else 60.0)
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
-    rows = [run_case("digits, n=1437, d=64", *digits_case(5 if args.quick else 15), budget_s=budget)]
-    print(rows[-1], flush=True)
-    sizes = [(5000, 64), (5000, 512)] if args.quick else [(5000, 64), (5000, 512), (50000, 64), (50000, 512)]
-    for n, d in sizes:
-        rows.append(run_case(f"synthetic, n={n}, d={d}", *synthetic_case(n, d), budget_s=budget))
+    cases = args.cases.split(",") if args.cases else (CASES[:3] if args.quick else CASES)
+    rows = []
+    for case in cases:
+        if case == "digits":
+            digits = digits_case(5 if args.quick else 15)
+            row = run_case("digits, n=1437, d=64", *digits, budget, repeats=args.repeats)
+        else:
+            n, d = (int(v) for v in case.split("x"))
+            row = run_case(f"synthetic, n={n}, d={d}", *synthetic_case(n, d), budget, repeats=args.repeats)
+        rows.append(row)
         print(rows[-1], flush=True)
     header = [
         "case", "authors' GD: time", "their max \\|grad\\|", "their decomp. error", "ours to their max \\|grad\\|",
-        "ours to 1e-9 (default)", "our max \\|grad\\|", "our decomp. error",
+        "ours to 1e-9 (default)", "our max \\|grad\\|", "our decomp. error", "rounds",
     ]  # fmt: skip
-    suspects = suspect_comparison([0] if args.quick else [0, 1, 2], ["none", "batch"], epochs=15)
     print(f"\nMachine: {machine()}\n")
     print(table(rows, header))
-    print("\nSuspect labels, digits with 5% flipped labels: precision@k, k = number flipped (72)\n")
-    print(table(suspects, ["model", "label refit (default)", "model loss", "TrustAI rule"]))
+    if args.topk_memory:
+        extra_mb, seconds = topk_memory_mb()
+        print(f"\ntop_k(k=5), 50,000 train x 10,000 test, d=512: peak extra {extra_mb:.0f} MB, {seconds:.1f} s")
+    if not args.no_suspects:
+        suspects = suspect_comparison([0] if args.quick else [0, 1, 2], ["none", "batch"], epochs=15)
+        print("\nSuspect labels, digits with 5% flipped labels: precision@k, k = number flipped (72)\n")
+        print(table(suspects, ["model", "label refit (default)", "model loss", "TrustAI rule"]))
 
 
 if __name__ == "__main__":
