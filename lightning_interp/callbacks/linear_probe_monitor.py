@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_interp._distributed import all_reduce_
 from lightning_interp._validation import check_choice, check_optional_positive_int, check_positive_float, check_positive_int
 from lightning_interp.batches import BatchAdapter, split_batch
 from lightning_interp.callbacks._base import InterpCallback
@@ -283,11 +285,17 @@ class LinearProbeMonitor(InterpCallback):
 
     # ---- epoch ends --------------------------------------------------------------------------------------------
     def _log_split(self, split: str, pl_module: LightningModule) -> None:
-        metrics = self._metrics[split]
-        for name in sorted(metrics, key=self._layer_order):
-            metric = metrics[name]
-            # compute() syncs across ranks, so every rank logs the same value and makes the same log calls
-            value = metric.compute() if metric.update_called else torch.tensor(float("nan"))
+        # every rank walks the same layers (the probes, identical on every rank) and makes the same collectives and
+        # log calls, even a rank whose batches of a layer were all skipped (NaN) or that had no batch at all
+        names = sorted(set(self._metrics[split]) | set(self.bank.probes), key=self._layer_order)
+        for name in names:
+            metric = self._metric(split, name, pl_module.device)
+            seen = all_reduce_(torch.tensor([float(metric.update_called)], device=pl_module.device), "max")
+            value = torch.tensor(float("nan"))
+            if float(seen) > 0:
+                with warnings.catch_warnings():  # a rank without updates of its own still joins the sync
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                    value = metric.compute()  # syncs across ranks: every rank logs the same value
             pl_module.log(f"probe/{split}_acc/{name}", value, on_step=False, on_epoch=True)
             self.history[split].setdefault(name, []).append(float(value))
             metric.reset()
@@ -309,7 +317,7 @@ class LinearProbeMonitor(InterpCallback):
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not self._metrics["val"]:
+        if trainer.sanity_checking or not (self._metrics["val"] or self.bank.probes):
             return
         self._log_split("val", pl_module)
         writer = tensorboard_writer(trainer)

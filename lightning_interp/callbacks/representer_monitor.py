@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 from typing_extensions import override
 
-from lightning_interp._distributed import all_gather_rows, world_size
+from lightning_interp._distributed import all_gather_rows, all_reduce_, world_size
 from lightning_interp._validation import check_optional_positive_int, check_positive_float, check_positive_int
 from lightning_interp.attribution.representer import fit_representer, suspect_labels
 from lightning_interp.attribution.similarity import nearest_examples, sparse_examples
@@ -205,6 +205,28 @@ class RepresenterMonitor(PeriodicDumpCallback):
         return self._captured.pop().float()
 
     def _train_pass(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, ...]:
+        """Features, labels and dataset indices of the training set, every rank's share gathered (index order)."""
+        local: tuple[torch.Tensor, ...] | None = None
+        error: Exception | None = None
+        try:
+            local = self._local_train_pass(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - reported by _dump; first agreed on by every rank
+            error = err
+        if world_size() > 1:
+            # every rank learns whether all shares are there before any gather: a rank that failed alone must not
+            # leave the others waiting in a collective
+            ok = all_reduce_(torch.tensor([0.0 if error else 1.0], device=pl_module.device), "min")
+            if error is None and float(ok) < 1:
+                error = LightningInterpError("another process failed its share of the training-set pass")
+        if error is not None or local is None:
+            raise error or LightningInterpError("no training features")
+        device = pl_module.device
+        f, y, i = (all_gather_rows(t.to(device)) for t in local)
+        order = i.argsort()
+        return f[order].cpu(), y[order].cpu(), i[order].cpu()
+
+    def _local_train_pass(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, ...]:
+        """This rank's share of the training set: features, labels, dataset indices."""
         loader = _first(trainer.train_dataloader)
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
@@ -239,12 +261,9 @@ class RepresenterMonitor(PeriodicDumpCallback):
                 seen += x.shape[0]
                 if self.max_train_examples is not None and seen >= self.max_train_examples:
                     break
-        device = pl_module.device
-        f = all_gather_rows(torch.cat(feats).to(device))
-        y = all_gather_rows(torch.cat(labels).long().reshape(-1).to(device))
-        i = all_gather_rows(torch.cat(index).to(device))
-        order = i.argsort()
-        return f[order].cpu(), y[order].cpu(), i[order].cpu()
+        if not feats:
+            raise LightningInterpError("this process's share of the training set is empty")
+        return torch.cat(feats), torch.cat(labels).long().reshape(-1), torch.cat(index)
 
     def _dump(self, trainer: Trainer, pl_module: LightningModule, log_scalars: bool) -> None:
         self._last_dump_step = trainer.global_step
@@ -255,8 +274,10 @@ class RepresenterMonitor(PeriodicDumpCallback):
             pl_module.eval()
             with torch.no_grad():
                 result = self._compute(trainer, pl_module)
-        except (LightningInterpError, RuntimeError, ValueError, TypeError, IndexError) as err:
-            self.problems.report("dump_failed", f"a representer dump failed and was skipped ({err})")
+        except Exception as err:  # noqa: BLE001 - a failing dump must never stop training
+            self.problems.report(
+                "dump_failed", f"a representer dump failed and was skipped ({type(err).__name__}: {err})"
+            )
         finally:
             for module, mode in modes:
                 module.training = mode

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,6 +155,17 @@ class PowerIteration:
         self.seed = seed
         self.vectors: dict[str, torch.Tensor] = {}
         self._generator = torch.Generator().manual_seed(seed)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # neither a torch.Generator nor its state tensor survives DDP spawn's shared-memory pickling: plain bytes do
+        state = dict(self.__dict__)
+        state["_generator"] = self._generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state.pop("_generator")), dtype=torch.uint8))
+        self.__dict__.update(state, _generator=generator)
 
     @torch.no_grad()
     def step(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
