@@ -135,6 +135,22 @@ def test_same_optimum_as_scipy_on_soft_targets():
     np.testing.assert_allclose(ours, result.x.reshape(c, -1), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("tol", [1e-5, 1e-9, 1e-12])
+def test_stationarity_reaches_tol_by_an_independent_gradient(tol):
+    """The conjugate gradient runs in float32 and stops early (relative and tol-aware forcing): the returned head
+    must still satisfy max |grad J| <= tol by a float64 autograd gradient, and report that value."""
+    feats, probs, _, head = _random_problem(n=500, d=20, c=5, seed=8)
+    lam = 0.003
+    fit = fit_representer(feats, probs, lam=lam, tol=tol, init_weight=head)
+    f = torch.cat([feats.double(), torch.ones(500, 1, dtype=torch.float64)], 1)
+    p = probs.double() / probs.double().sum(1, keepdim=True)
+    w = torch.cat([fit.weight, fit.bias[:, None]], 1).requires_grad_(True)
+    objective = -(p * torch.log_softmax(f @ w.T, 1)).sum() / 500 + lam * (w * w).sum()
+    (grad,) = torch.autograd.grad(objective, w)
+    assert fit.converged and float(grad.abs().max()) <= tol
+    assert abs(float(grad.abs().max()) - fit.stationarity) <= 1e-2 * tol
+
+
 def test_start_does_not_change_the_optimum():
     feats, probs, _, head = _random_problem(seed=4)
     a = fit_representer(feats, probs)

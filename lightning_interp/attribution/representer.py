@@ -265,18 +265,25 @@ class _Problem:
 
 
 def _conjugate_gradient(
-    problem: _Problem, q: torch.Tensor, grad: torch.Tensor, precond: torch.Tensor, rtol: float, max_iter: int
+    problem: _Problem,
+    q: torch.Tensor,
+    grad: torch.Tensor,
+    precond: torch.Tensor,
+    rtol: float,
+    atol: float,
+    max_iter: int,
 ) -> tuple[torch.Tensor, int]:
-    """Approximately solve ``H s = -grad`` by preconditioned CG to a relative residual ``rtol`` (2-norm), in
-    float32 like the Hessian-vector products: the float64 gradient outside decides convergence. At small sizes
-    each step costs a few dozen microseconds of per-operation overhead, so the loop keeps to one fused operation
-    per update and one scalar read per dot product."""
+    """Approximately solve ``H s = -grad`` by preconditioned CG until ``max |residual| <= max(rtol max |grad|,
+    atol)``: the max-norm of the stopping rule, since the new gradient is about the residual. In float32 like
+    the Hessian-vector products; the float64 gradient outside decides convergence. At small sizes each step
+    costs a few dozen microseconds of per-operation overhead, so the loop keeps to one fused operation per update
+    and one scalar read per reduction."""
     r = -grad.float()
     s = torch.zeros_like(r)
     z = r / precond
     d = z.clone()
     rz = float(torch.vdot(r.view(-1), z.view(-1)))
-    target = (rtol * float(r.norm())) ** 2
+    target = max(rtol * float(grad.abs().max()), atol)
     steps = 0
     for steps in range(1, max_iter + 1):
         hd = problem.hvp(q, d)
@@ -286,7 +293,7 @@ def _conjugate_gradient(
         step = rz / curvature
         s.add_(d, alpha=step)
         r.sub_(hd, alpha=step)
-        if float(torch.vdot(r.view(-1), r.view(-1))) <= target:
+        if float(torch.linalg.vector_norm(r, float("inf"))) <= target:
             break
         z = r / precond
         rz_new = float(torch.vdot(r.view(-1), z.view(-1)))
@@ -402,12 +409,11 @@ def fit_representer(
             break
         gnorm = float(grad.norm())
         # superlinear forcing term: loose solves far away, tight ones near the optimum; but never tighter than
-        # needed to land within tol / 10 (the new gradient is about the CG residual, and max |.| <= 2-norm):
-        # it only saves the last solve's overshoot (to 1e-13 and below) and leaves the result well inside tol
-        rtol = min(0.5, max(math.sqrt(gnorm), 0.1 * tol / gnorm)) if gnorm > 0 else 0.5
+        # needed to land within tol / 10, which only saves the last solve's overshoot (to 1e-13 and below)
+        rtol = min(0.5, math.sqrt(gnorm))
         q32 = q.float()
         step, _ = _conjugate_gradient(
-            problem, q32, grad, problem.diagonal(q32), rtol, max_iter=max(50, 2 * dim * c)
+            problem, q32, grad, problem.diagonal(q32), rtol, 0.1 * tol, max_iter=max(50, 2 * dim * c)
         )
         slope = float((grad * step).sum())
         t = 1.0
