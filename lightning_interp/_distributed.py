@@ -6,6 +6,18 @@ import torch
 import torch.distributed as dist
 
 
+#: Lightning strategies that shard parameters: outside a module's own forward its weights are not whole
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def sharded_strategy(trainer: object) -> str | None:
+    """The name of the Trainer's strategy when it shards parameters (FSDP, DeepSpeed, model parallel), else None."""
+    for cls in type(getattr(trainer, "strategy", None)).__mro__:
+        if cls.__name__ in SHARDED_STRATEGIES:
+            return cls.__name__
+    return None
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -16,7 +16,57 @@ from lightning_interp._validation import check_positive_int
 from lightning_interp.batches import BatchAdapter, split_batch
 from lightning_interp.errors import LightningInterpError
 
-__all__ = ["select_examples"]
+__all__ = ["select_examples", "example_source", "first_loader"]
+
+
+def first_loader(loaders: Any) -> Any:
+    """The first loader of what a Trainer holds (one loader, a list/tuple or a dict of them), ``None`` if none.
+
+    Example:
+        >>> first_loader([["a"], ["b"]]), first_loader({"x": ["c"]}), first_loader([])
+        (['a'], ['c'], None)
+    """
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def _holds_examples(loader: Any) -> bool:
+    dataset = getattr(loader, "dataset", loader)
+    try:
+        return len(dataset) > 0  # type: ignore[arg-type]
+    except TypeError:  # an iterable without a length: assume it has some
+        return True
+
+
+def example_source(trainer: Any, fall_back_to_training: bool = True) -> tuple[Any, str]:
+    """Where a callback's fixed examples come from: the validation data (the datamodule's when the Trainer has not
+    loaded it yet) when it holds examples, else the training data (``fall_back_to_training``), else nothing.
+    Returns ``(loader or None, "val" | "train" | "none")``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> trainer = SimpleNamespace(val_dataloaders=[[]], datamodule=None, train_dataloader=[[1, 2]])
+        >>> example_source(trainer)
+        ([1, 2], 'train')
+        >>> example_source(trainer, fall_back_to_training=False)
+        (None, 'none')
+    """
+    source = first_loader(trainer.val_dataloaders)
+    if source is None and getattr(trainer, "datamodule", None) is not None:
+        try:
+            source = first_loader(trainer.datamodule.val_dataloader())
+        except Exception:  # noqa: BLE001 - a datamodule without validation data
+            source = None
+    if source is not None and _holds_examples(source):
+        return source, "val"
+    if fall_back_to_training:
+        source = first_loader(trainer.train_dataloader)
+        if source is not None and _holds_examples(source):
+            return source, "train"
+    return None, "none"
 
 
 def _is_map_style(dataset: Any) -> bool:

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_interp.errors import LightningInterpError
 
 __all__ = [
+    "named_submodules",
     "INPUT",
     "Layer",
     "LayerSelector",
@@ -58,8 +59,23 @@ class Layer:
         return self.module is None
 
 
-def _named_children_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, module) for name, module in model.named_modules() if name]
+def named_submodules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every submodule (not the model itself) with its dotted name, ``torch.compile`` wrappers seen through: the
+    layers of a compiled ``net`` keep the names they have uncompiled (``net.relu1``, not ``net._orig_mod.relu1``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> wrapped = nn.Module()
+        >>> wrapped.net = torch.compile(net, backend="eager")
+        >>> [name for name, _ in named_submodules(wrapped)]
+        ['net', 'net.0', 'net.1']
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not name or type(module).__name__ == "OptimizedModule":
+            continue
+        found.append((".".join(part for part in name.split(".") if part != "_orig_mod"), module))
+    return found
 
 
 def select_layers(
@@ -89,7 +105,7 @@ def select_layers(
         >>> [layer.name for layer in select_layers(net, ["input", "[02]"])]
         ['input', '0', '2']
     """
-    named = _named_children_modules(model)
+    named = named_submodules(model)
     if layers is None:
         chosen = [(n, m) for n, m in named if isinstance(m, NONLINEARITIES)]
         if not chosen:
@@ -145,7 +161,7 @@ def normalization_layers(
         ['1', '4']
     """
     types = NORMALIZATIONS + tuple(extra_types)
-    return [Layer(n, m) for n, m in _named_children_modules(model) if isinstance(m, types)]
+    return [Layer(n, m) for n, m in named_submodules(model) if isinstance(m, types)]
 
 
 def last_linear(model: nn.Module) -> Layer | None:
@@ -155,7 +171,7 @@ def last_linear(model: nn.Module) -> Layer | None:
         >>> last_linear(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))).name
         '2'
     """
-    found = [Layer(n, m) for n, m in _named_children_modules(model) if isinstance(m, nn.Linear)]
+    found = [Layer(n, m) for n, m in named_submodules(model) if isinstance(m, nn.Linear)]
     return found[-1] if found else None
 
 

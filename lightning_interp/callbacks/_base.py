@@ -9,7 +9,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_interp._distributed import sharded_strategy
 from lightning_interp._warnings import ProblemCounter
+from lightning_interp.errors import LightningInterpError
 from lightning_interp.hooks import HookManager
 from lightning_interp.tensorboard import tensorboard_writer
 
@@ -54,6 +56,17 @@ class InterpCallback(Callback):
         ours = [cb for cb in trainer.callbacks if isinstance(cb, InterpCallback)]
         if ours and ours[0] is self:  # one summary per run, written by the first of our callbacks
             write_run_summary(trainer, pl_module, ours)
+
+    # ---- strategies ------------------------------------------------------------------------------------------
+    def _refuse_sharded(self, trainer: Trainer, why: str) -> None:
+        """Raise a clear error under a strategy that shards parameters (FSDP, DeepSpeed, model parallel)."""
+        name = sharded_strategy(trainer)
+        if name is not None:
+            raise LightningInterpError(
+                f"{type(self).__name__} does not support {name}: {why}. Use it with strategy='ddp' (or one "
+                "device), or remove it from `callbacks` for sharded runs; LinearProbeMonitor and NormStatsMonitor "
+                "work under sharding."
+            )
 
     # ---- schedule ------------------------------------------------------------------------------------------
     @staticmethod

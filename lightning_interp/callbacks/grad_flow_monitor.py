@@ -17,7 +17,7 @@ from lightning_interp._validation import check_module_types, check_positive_floa
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks.norm_stats_monitor import logged_step
 from lightning_interp.errors import LightningInterpError
-from lightning_interp.layers import Layer, first_tensor, select_layers
+from lightning_interp.layers import Layer, first_tensor, named_submodules, select_layers
 from lightning_interp.render import upscale
 from lightning_interp.stats.grad_flow import (
     ChainLink,
@@ -150,6 +150,7 @@ class GradFlowMonitor(InterpCallback):
     # ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._refuse_sharded(trainer, "its spectral norms and parameter-gradient norms read whole weight matrices")
         self.hidden_layers = [layer for layer in select_layers(pl_module, self.layers) if not layer.is_input]
         if not self.hidden_layers:
             raise LightningInterpError(
@@ -159,7 +160,7 @@ class GradFlowMonitor(InterpCallback):
         self.links, self.output_layer = chain_links(
             pl_module, [layer.name for layer in self.hidden_layers], self.norm_types
         )
-        self._modules = dict(pl_module.named_modules())
+        self._modules = dict(named_submodules(pl_module))
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

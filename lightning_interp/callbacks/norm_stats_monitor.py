@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_interp._distributed import sharded_strategy
 from lightning_interp._validation import check_module_types, check_positive_int
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.layers import Layer, first_tensor, normalization_layers, select_layers
@@ -283,7 +284,8 @@ class NormStatsMonitor(InterpCallback):
             finite = sample[torch.isfinite(sample)]
             if finite.numel():
                 writer.add_histogram(f"norm/{key}/activations", finite.cpu(), step)
-        for layer in self.norm_layers:
+        # under a sharding strategy a weight outside the forward is this rank's shard: no gamma histogram then
+        for layer in [] if sharded_strategy(trainer) else self.norm_layers:
             weight = getattr(layer.module, "weight", None)
             if isinstance(weight, torch.Tensor):
                 gamma = weight.detach().float().reshape(-1)

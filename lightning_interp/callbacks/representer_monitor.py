@@ -22,8 +22,8 @@ from lightning_interp.attribution.similarity import nearest_examples, sparse_exa
 from lightning_interp.batches import BatchAdapter, split_batch
 from lightning_interp.callbacks._base import PeriodicDumpCallback
 from lightning_interp.errors import LightningInterpError
-from lightning_interp.examples import select_examples
-from lightning_interp.layers import last_linear
+from lightning_interp.examples import example_source, first_loader, select_examples
+from lightning_interp.layers import last_linear, named_submodules
 from lightning_interp.render import tile, to_rgb, upscale
 from lightning_interp.saliency_render import text_image
 from lightning_interp.tensorboard import log_dir, tensorboard_writer
@@ -138,6 +138,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
     # ---- set-up ------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._refuse_sharded(trainer, "its refit reads the whole last linear layer outside the model's forward")
         if self.layer is None:
             found = last_linear(pl_module)
             if found is None:
@@ -147,7 +148,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
                 )
             self.head = found.module  # type: ignore[assignment]
             return
-        modules = dict(pl_module.named_modules())
+        modules = dict(named_submodules(pl_module))
         if self.layer not in modules:
             raise LightningInterpError(
                 f"Expected argument `layer` to name a module of the model, but got {self.layer!r}. Linear layers: "
@@ -165,7 +166,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
         super().on_train_start(trainer, pl_module)
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self.hooks.forward(self.head, self._hook)
-        source = _validation_source(trainer)
+        source, _ = example_source(trainer, fall_back_to_training=False)
         self._examples = self._pool = None
         if source is not None:
             inputs, targets, _ = select_examples(source, self.num_examples, self.seed, self.batch_adapter)
@@ -227,7 +228,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
 
     def _local_train_pass(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, ...]:
         """This rank's share of the training set: features, labels, dataset indices."""
-        loader = _first(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
         dataset = loader.dataset if isinstance(loader, DataLoader) else None
@@ -367,7 +368,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
         writer.flush()
 
     def _train_dataset(self, trainer: Trainer) -> Any:
-        loader = _first(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         dataset = loader.dataset if isinstance(loader, DataLoader) else None
         return None if dataset is None or isinstance(dataset, IterableDataset) else dataset
 
@@ -417,23 +418,5 @@ class RepresenterMonitor(PeriodicDumpCallback):
         self.dumps = int(state["dumps"])
 
 
-def _first(loader: Any) -> Any:
-    if isinstance(loader, (list, tuple)):
-        return loader[0] if loader else None
-    if isinstance(loader, dict):
-        return next(iter(loader.values()), None)
-    return loader
-
-
 def _is_image(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] in (1, 3)
-
-
-def _validation_source(trainer: Trainer) -> Any:
-    source = _first(trainer.val_dataloaders)
-    if source is None and trainer.datamodule is not None:
-        try:
-            source = _first(trainer.datamodule.val_dataloader())
-        except Exception:  # noqa: BLE001 - a datamodule without validation data
-            source = None
-    return source

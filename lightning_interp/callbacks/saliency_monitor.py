@@ -19,7 +19,7 @@ from lightning_interp.attribution.gradients import guided_backprop, quadrature
 from lightning_interp.batches import BatchAdapter
 from lightning_interp.callbacks._base import PeriodicDumpCallback
 from lightning_interp.errors import LightningInterpError
-from lightning_interp.examples import select_examples
+from lightning_interp.examples import example_source, select_examples
 from lightning_interp.layers import NORMALIZATIONS
 from lightning_interp.saliency_render import image_grid, input_kind, sequence_strip, tabular_chart
 from lightning_interp.tensorboard import tensorboard_writer
@@ -162,6 +162,10 @@ class SaliencyMonitor(PeriodicDumpCallback):
             "seed": self.seed,
         }
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._refuse_sharded(trainer, "its maps run the model's forward on rank 0 alone, which a sharded model cannot")
+
     # ---- choosing the examples -----------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -169,7 +173,9 @@ class SaliencyMonitor(PeriodicDumpCallback):
         self._random_state = None
         if self._given:
             return
-        source = _validation_source(trainer, self.problems)
+        source, origin = example_source(trainer)
+        if origin == "train":
+            self.problems.report("train_examples", "no validation data; the examples are taken from the training data")
         if source is None:
             self.problems.report("no_data", "no validation or training data to choose examples from; no dumps")
             self._examples = None
@@ -424,24 +430,6 @@ def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
         denominator = float(rx.norm() * ry.norm())
         values.append(float((rx * ry).sum()) / denominator if denominator > 0 else float("nan"))
     return float(np.nanmean(values)) if values else float("nan")
-
-
-def _validation_source(trainer: Trainer, problems: Any) -> Any:
-    """The validation data (the datamodule's when the Trainer has not loaded it yet), else the training data."""
-    source = trainer.val_dataloaders
-    if source is None and trainer.datamodule is not None:
-        try:
-            source = trainer.datamodule.val_dataloader()
-        except Exception:  # noqa: BLE001 - a datamodule without validation data
-            source = None
-    if isinstance(source, (list, tuple)):
-        source = source[0] if source else None
-    if source is None:
-        problems.report("train_examples", "no validation data; the examples are taken from the training data")
-        source = trainer.train_dataloader
-        if isinstance(source, (list, tuple)):
-            source = source[0] if source else None
-    return source
 
 
 def _describe(value: object) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_interp.layers import NORMALIZATIONS
+from lightning_interp.layers import NORMALIZATIONS, named_submodules
 
 __all__ = [
     "WEIGHT_LAYERS",
@@ -227,7 +227,7 @@ def chain_links(
         ([('0', '1'), ('3', None)], '5')
     """
     hidden = list(hidden)
-    order = [(name, module) for name, module in model.named_modules() if name]
+    order = named_submodules(model)
     position = {name: i for i, (name, _) in enumerate(order)}
     norm_types = NORMALIZATIONS + tuple(extra_norm_types)
     links: list[ChainLink] = []
@@ -264,7 +264,7 @@ def param_grad_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     squares: list[torch.Tensor] = []
-    for name, module in model.named_modules():
+    for name, module in [("", model), *named_submodules(model)]:
         grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
         if not grads:
             continue
