@@ -279,7 +279,7 @@ def write_figure(runs: list[RunSummary], path: str | os.PathLike[str]) -> bool:
     flow_ax.axhline(1.0, color="grey", lw=0.8)
     probe_ax.set(title="final probe accuracy by depth", xlabel="layer index (0 = input)", ylabel="val acc")
     for ax in (acc_ax, flow_ax, probe_ax):
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:  # reference lines alone carry no label
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(str(path))
