@@ -16,9 +16,9 @@ from typing_extensions import override
 from lightning_interp._validation import check_module_types, check_positive_float, check_positive_int
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks.norm_stats_monitor import logged_step
+from lightning_interp.charts import gradient_flow_chart
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.layers import Layer, first_tensor, named_submodules, select_layers
-from lightning_interp.render import upscale
 from lightning_interp.stats.grad_flow import (
     ChainLink,
     PowerIteration,
@@ -65,8 +65,8 @@ class GradFlowMonitor(InterpCallback):
       exploding above; warned once each); ``gradflow/total/nonfinite_events``: steps with NaN/Inf gradients.
 
     With a TensorBoardLogger, every ``every_n_epochs`` on global rank 0: the image ``gradflow/figure``
-    (per-layer gradient norm on a log scale, and measured vs analytic cumulative products; matplotlib when
-    installed, else a plain bar image), and once a custom-scalars layout (``gradflow`` section: one chart per
+    (per-layer gradient norm on a log scale, and measured vs analytic cumulative products, drawn by
+    :func:`lightning_interp.charts.gradient_flow_chart` without matplotlib), and once a custom-scalars layout (``gradflow`` section: one chart per
     statistic).
 
     Mixed precision: with a gradient scaler (``precision="16-mixed"``) the activation gradients seen by the
@@ -364,13 +364,7 @@ class GradFlowMonitor(InterpCallback):
         norms = [self.last[f"gradflow/{name}/grad_norm"] for name in names]
         measured = [self.last.get(f"gradflow/{name}/cum_product", float("nan")) for name in names]
         analytic = [self.last.get(f"gradflow/{name}/analytic_cum_product", float("nan")) for name in names]
-        try:
-            return _matplotlib_figure(names, norms, measured, analytic)
-        except ImportError:
-            self.problems.report(
-                "no_matplotlib", "matplotlib is not installed; the figure is a plain bar image"
-            )
-            return _bar_image(norms)
+        return gradient_flow_chart(names, norms, measured, analytic)
 
     def _hidden_order(self) -> list[str]:
         return [layer.name for layer in self.hidden_layers] + [OUTPUT]
@@ -396,44 +390,3 @@ class GradFlowMonitor(InterpCallback):
         self.power.load_state_dict(state["power"])
         self.flow_events = int(state["flow_events"])
         self.nonfinite_events = int(state["nonfinite_events"])
-
-
-def _matplotlib_figure(
-    names: list[str], norms: list[float], measured: list[float], analytic: list[float]
-) -> np.ndarray:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 6.0), dpi=80)
-    canvas = FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    x = np.arange(len(names))
-    top.bar(x, [v if v > 0 and math.isfinite(v) else np.nan for v in norms], color="tab:blue")
-    top.set_yscale("log")
-    top.set_ylabel("mean per-example ||dL/dH||")
-    top.set_title("gradient flow (output on the right)")
-    bottom.plot(x, measured, "o-", label="measured cumulative product")
-    bottom.plot(x, analytic, "s--", label="analytic prod ||W|| g/sigma")
-    bottom.set_yscale("log")
-    bottom.axhline(1.0, color="grey", lw=0.8)
-    bottom.legend(fontsize=8)
-    bottom.set_xticks(x, names, rotation=90, fontsize=7)
-    # fixed margins: tight_layout would measure every label and double the drawing time
-    fig.subplots_adjust(left=0.12, right=0.97, top=0.94, bottom=0.24, hspace=0.08)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def _bar_image(values: list[float], height: int = 64, bar: int = 6) -> np.ndarray:
-    """Bars of ``log10(value)`` scaled to the image height, without matplotlib."""
-    logs = np.array([math.log10(v) if v > 0 and math.isfinite(v) else np.nan for v in values], dtype=float)
-    image = np.full((height, max(len(values), 1) * bar, 3), 255, dtype=np.uint8)
-    finite = logs[np.isfinite(logs)]
-    if finite.size:
-        low, high = finite.min(), finite.max()
-        span = high - low if high > low else 1.0
-        for i, value in enumerate(logs):
-            if np.isfinite(value):
-                h = max(1, int(round((value - low) / span * (height - 1))) + 1)
-                image[height - h :, i * bar : i * bar + bar - 1] = (31, 119, 180)
-    return upscale(image, 2)
