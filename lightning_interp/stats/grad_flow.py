@@ -268,7 +268,8 @@ def param_grad_norms(model: nn.Module) -> dict[str, torch.Tensor]:
         grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
         if not grads:
             continue
-        square = sum(g.detach().float().pow(2).sum() for g in grads)
+        # one fused reduction per gradient (no full-size float copy or squared temporary)
+        square = sum(torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square() for g in grads)
         squares.append(square)
         out[name or "model"] = square.sqrt()
     if squares:
