@@ -34,6 +34,8 @@ def rss_mb() -> float:
 
 
 class Recorder(Callback):
+    """Per epoch: RSS, hooks on the model, event-file bytes."""
+
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.rows: list[tuple[int, float, int, int]] = []
@@ -54,6 +56,7 @@ def most_frequent() -> list[Callback]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--baseline", action="store_true", help="no lightning-interp callback (for comparison)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         recorder = Recorder(Path(tmp))
@@ -62,7 +65,7 @@ def main() -> None:
         hooks_before = count_hooks(model)
         trainer = L.Trainer(
             max_epochs=args.epochs, accelerator="cpu", logger=TensorBoardLogger(tmp, name="soak", version=""),
-            callbacks=[*most_frequent(), recorder], log_every_n_steps=1, enable_checkpointing=False,
+            callbacks=[*([] if args.baseline else most_frequent()), recorder], log_every_n_steps=1, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False,
         )  # fmt: skip
         trainer.fit(model, DigitsDataModule())
