@@ -158,3 +158,33 @@ def test_run_summary_restated_at_the_resumed_step(runs: dict[str, Any]) -> None:
     events = EventAccumulator(str(runs["root"] / "runs" / "split"), size_guidance={TENSORS: 0})
     events.Reload()
     assert [e.step for e in events.Tensors("summary/run/text_summary")] == [0, 8]
+
+
+# ---- state versioning and keys, for every callback ------------------------------------------------------------
+OTHER_CONFIG = {
+    LinearProbeMonitor: {"lr": 0.05},
+    NormStatsMonitor: {"every_n_epochs": 3},
+    GradFlowMonitor: {"band": (1e-3, 1e3)},
+    SaliencyMonitor: {"num_examples": 4},
+    RepresenterMonitor: {"lam": 0.01},
+}
+
+
+@pytest.mark.parametrize("cls", list(OTHER_CONFIG), ids=lambda cls: cls.__name__)
+def test_older_or_foreign_state_warns_and_starts_afresh(cls: type) -> None:
+    callback = cls()
+    fresh = callback.state_dict()
+    for state in ({"version": 0}, {"version": cls.STATE_VERSION + 1, "anything": 1}, {"foreign": True}, "garbage"):
+        with pytest.warns(UserWarning, match="starting this callback afresh"):
+            callback.load_state_dict(state)  # type: ignore[arg-type]
+        _assert_equal_nested(callback.state_dict(), fresh, f"{cls.__name__} after {state!r}")
+    # the right version with a broken body: also a warning, not a crash
+    with pytest.warns(UserWarning, match="could not restore"):
+        callback.load_state_dict({"version": cls.STATE_VERSION})
+
+
+@pytest.mark.parametrize("cls", list(OTHER_CONFIG), ids=lambda cls: cls.__name__)
+def test_instances_with_other_configurations_keep_separate_state(cls: type) -> None:
+    a, b, c = cls(), cls(**OTHER_CONFIG[cls]), cls()
+    assert a.state_key != b.state_key and a.state_key == c.state_key
+    assert cls.__name__ in a.state_key
