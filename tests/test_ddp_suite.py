@@ -64,7 +64,9 @@ class UnevenDigits(DigitsDataModule):
     rank 1 gets 2."""
 
     def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(self.train_dataset, dist.get_world_size(), dist.get_rank(), shuffle=False)
+        sampler = DistributedSampler(
+            self.train_dataset, dist.get_world_size(), dist.get_rank(), shuffle=False
+        )
         return DataLoader(self.train_dataset, batch_size=32, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -94,7 +96,9 @@ class DumpPerRank(Callback):
         torch.save(
             {
                 "probes": by_type["LinearProbeMonitor"].bank.state_dict()["probes"],
-                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(FAMILIES)},
+                "metrics": {
+                    k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(FAMILIES)
+                },
                 "local": {**by_type["NormStatsMonitor"].last, **by_type["GradFlowMonitor"].last},
                 "problems": {name: dict(c.problems.counts) for name, c in by_type.items()},
                 "representer_dumps": representer.dumps,
@@ -203,4 +207,10 @@ def test_tensorboard_written_once(ddp_run: dict[str, Any]) -> None:
 
 def test_callback_types_present() -> None:
     names = {type(c) for c in every_callback()}
-    assert names == {LinearProbeMonitor, NormStatsMonitor, GradFlowMonitor, SaliencyMonitor, RepresenterMonitor}
+    assert names == {
+        LinearProbeMonitor,
+        NormStatsMonitor,
+        GradFlowMonitor,
+        SaliencyMonitor,
+        RepresenterMonitor,
+    }

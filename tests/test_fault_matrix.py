@@ -154,7 +154,9 @@ class Row:
     extra: Callable[[], list[Any]] = list
     stage: str = "fit"
     raises: type[BaseException] | None = None
-    counted: dict[str, set[str]] = field(default_factory=dict)  # callback -> problem kinds that must be counted
+    counted: dict[str, set[str]] = field(
+        default_factory=dict
+    )  # callback -> problem kinds that must be counted
     same_weights: bool = False  # bitwise identical to a run without our callbacks
     logger: str = "tensorboard"
 
@@ -211,9 +213,13 @@ def _logger(row: Row, tmp_path: Path) -> Any:
 def _run(row: Row, tmp_path: Path, with_ours: bool) -> tuple[Any, list[Any], L.Trainer]:
     L.seed_everything(0, verbose=False)
     model, ours = row.model(), every_callback(representer_examples=64) if with_ours else []
-    options: dict[str, Any] = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=2, log_every_n_steps=1)
+    options: dict[str, Any] = dict(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=2, log_every_n_steps=1
+    )
     options.update(row.trainer)
-    trainer = quiet_trainer([*row.extra(), *ours], logger=_logger(row, tmp_path) if with_ours else False, **options)
+    trainer = quiet_trainer(
+        [*row.extra(), *ours], logger=_logger(row, tmp_path) if with_ours else False, **options
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         getattr(trainer, row.stage)(model, datamodule=row.data())
@@ -266,7 +272,9 @@ def test_readme_lists_the_matrix() -> None:
     for row in ROWS:
         line = next((ln for ln in text.splitlines() if ln.startswith(f"| {row.name} |")), None)
         assert line is not None, f"README's fault table lacks the row {row.name!r}"
-        assert re.sub(r"\s+", " ", row.outcome) in line, f"README's outcome for {row.name!r} differs from the test's"
+        assert re.sub(r"\s+", " ", row.outcome) in line, (
+            f"README's outcome for {row.name!r} differs from the test's"
+        )
 
 
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
@@ -285,7 +293,9 @@ def test_sharded_strategies_refused_at_setup_by_the_weight_readers(strategy: str
 
     trainer = SimpleNamespace(strategy=type(strategy, (), {})())
     for callback in (SaliencyMonitor(), RepresenterMonitor(), GradFlowMonitor()):
-        with pytest.raises(LightningInterpError, match=f"{type(callback).__name__} does not support {strategy}"):
+        with pytest.raises(
+            LightningInterpError, match=f"{type(callback).__name__} does not support {strategy}"
+        ):
             callback.setup(trainer, DigitsCNN(), "fit")
     for callback in (LinearProbeMonitor(), NormStatsMonitor()):
         callback.setup(trainer, DigitsCNN(), "fit")  # they only read activations: allowed

@@ -81,8 +81,12 @@ def _events(folder: Path) -> dict[str, dict[str, list[tuple[int, Any]]]]:
     return {
         "scalars": {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags["scalars"]},
         "images": {t: [(e.step, (e.width, e.height)) for e in events.Images(t)] for t in tags["images"]},
-        "histograms": {t: [(e.step, e.histogram_value.num) for e in events.Histograms(t)] for t in tags["histograms"]},
-        "texts": {t: [(e.step, None) for e in events.Tensors(t)] for t in tags["tensors"] if t not in RESTATED},
+        "histograms": {
+            t: [(e.step, e.histogram_value.num) for e in events.Histograms(t)] for t in tags["histograms"]
+        },
+        "texts": {
+            t: [(e.step, None) for e in events.Tensors(t)] for t in tags["tensors"] if t not in RESTATED
+        },
     }
 
 
@@ -148,7 +152,10 @@ def test_tensorboard_steps_continue_without_gaps_or_duplicates(runs: dict[str, A
 
 def test_dump_files_continue(runs: dict[str, Any]) -> None:
     root = runs["root"] / "runs"
-    names = {version: sorted(p.name for p in (root / version).glob("representer_epoch*.pt")) for version in ("whole", "split")}
+    names = {
+        version: sorted(p.name for p in (root / version).glob("representer_epoch*.pt"))
+        for version in ("whole", "split")
+    }
     assert names["whole"] == names["split"] and len(names["whole"]) == 4, names
 
 
@@ -174,7 +181,12 @@ OTHER_CONFIG = {
 def test_older_or_foreign_state_warns_and_starts_afresh(cls: type) -> None:
     callback = cls()
     fresh = callback.state_dict()
-    for state in ({"version": 0}, {"version": cls.STATE_VERSION + 1, "anything": 1}, {"foreign": True}, "garbage"):
+    for state in (
+        {"version": 0},
+        {"version": cls.STATE_VERSION + 1, "anything": 1},
+        {"foreign": True},
+        "garbage",
+    ):
         with pytest.warns(UserWarning, match="starting this callback afresh"):
             callback.load_state_dict(state)  # type: ignore[arg-type]
         _assert_equal_nested(callback.state_dict(), fresh, f"{cls.__name__} after {state!r}")

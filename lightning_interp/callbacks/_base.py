@@ -64,8 +64,8 @@ class InterpCallback(Callback):
         if name is not None:
             raise LightningInterpError(
                 f"{type(self).__name__} does not support {name}: {why}. Use it with strategy='ddp' (or one "
-                "device), or remove it from `callbacks` for sharded runs; LinearProbeMonitor and NormStatsMonitor "
-                "work under sharding."
+                "device), or remove it from `callbacks` for sharded runs; LinearProbeMonitor and NormStatsMonitor, "
+                "which read only activations, are allowed there."
             )
 
     # ---- schedule ------------------------------------------------------------------------------------------

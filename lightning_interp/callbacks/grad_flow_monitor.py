@@ -66,8 +66,8 @@ class GradFlowMonitor(InterpCallback):
 
     With a TensorBoardLogger, every ``every_n_epochs`` on global rank 0: the image ``gradflow/figure``
     (per-layer gradient norm on a log scale, and measured vs analytic cumulative products, drawn by
-    :func:`lightning_interp.charts.gradient_flow_chart` without matplotlib), and once a custom-scalars layout (``gradflow`` section: one chart per
-    statistic).
+    :func:`lightning_interp.charts.gradient_flow_chart` without matplotlib), and once a custom-scalars layout
+    (``gradflow`` section: one chart per statistic).
 
     Mixed precision: with a gradient scaler (``precision="16-mixed"``) the activation gradients seen by the
     hooks are scaled; they are divided by the scaler's scale read in ``on_before_optimizer_step`` (the scale
