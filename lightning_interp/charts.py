@@ -4,7 +4,7 @@ no caches that grow with the values drawn (matplotlib's text and tick caches add
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -32,7 +32,9 @@ def _paste(canvas: np.ndarray, image: np.ndarray, y: int, x: int) -> None:
         canvas[y : y + h, x : x + w] = image[:h, :w]
 
 
-def _panel(title: str, decades: tuple[int, int] | None, width: int) -> tuple[np.ndarray, callable]:
+def _panel(
+    title: str, decades: tuple[int, int] | None, width: int
+) -> tuple[np.ndarray, Callable[[float], int]]:
     """A blank panel with its title, decade grid and labels; returns it and the value -> row mapping."""
     panel = np.full((_TOP + _PANEL_H + 4, width, 3), _PAPER, dtype=np.uint8)
     _paste(panel, text_image(title, 2), 2, 4)

@@ -210,7 +210,8 @@ def _logger(row: Row, tmp_path: Path) -> Any:
     return TensorBoardLogger(str(tmp_path), name="tb", version="", default_hp_metric=False)
 
 
-def _run(row: Row, tmp_path: Path, with_ours: bool) -> tuple[Any, list[Any], L.Trainer]:
+def _prepare(row: Row, tmp_path: Path, with_ours: bool) -> tuple[Any, list[Any], L.Trainer]:
+    """The row's model, our callbacks (or none) and its Trainer, seeded."""
     L.seed_everything(0, verbose=False)
     model, ours = row.model(), every_callback(representer_examples=64) if with_ours else []
     options: dict[str, Any] = dict(
@@ -220,6 +221,11 @@ def _run(row: Row, tmp_path: Path, with_ours: bool) -> tuple[Any, list[Any], L.T
     trainer = quiet_trainer(
         [*row.extra(), *ours], logger=_logger(row, tmp_path) if with_ours else False, **options
     )
+    return model, ours, trainer
+
+
+def _run(row: Row, tmp_path: Path, with_ours: bool) -> tuple[Any, list[Any], L.Trainer]:
+    model, ours, trainer = _prepare(row, tmp_path, with_ours)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         getattr(trainer, row.stage)(model, datamodule=row.data())
@@ -229,11 +235,7 @@ def _run(row: Row, tmp_path: Path, with_ours: bool) -> tuple[Any, list[Any], L.T
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_fault_matrix(row: Row, tmp_path: Path) -> None:
     if row.raises is not None:
-        L.seed_everything(0, verbose=False)
-        model, ours = row.model(), every_callback(representer_examples=64)
-        options: dict[str, Any] = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=2)
-        options.update(row.trainer)
-        trainer = quiet_trainer(ours, logger=_logger(row, tmp_path), **options)
+        model, ours, trainer = _prepare(row, tmp_path, with_ours=True)
         with warnings.catch_warnings(), pytest.raises(row.raises) as raised:
             warnings.simplefilter("ignore")
             trainer.fit(model, datamodule=row.data())

@@ -288,11 +288,13 @@ class LinearProbeMonitor(InterpCallback):
         # every rank walks the same layers (the probes, identical on every rank) and makes the same collectives and
         # log calls, even a rank whose batches of a layer were all skipped (NaN) or that had no batch at all
         names = sorted(set(self._metrics[split]) | set(self.bank.probes), key=self._layer_order)
-        for name in names:
-            metric = self._metric(split, name, pl_module.device)
-            seen = all_reduce_(torch.tensor([float(metric.update_called)], device=pl_module.device), "max")
+        metrics = [self._metric(split, name, pl_module.device) for name in names]
+        # which layers any rank updated: one collective for all of them
+        updated = torch.tensor([float(m.update_called) for m in metrics], device=pl_module.device)
+        seen_anywhere = all_reduce_(updated, "max").tolist()
+        for name, metric, seen in zip(names, metrics, seen_anywhere):
             value = torch.tensor(float("nan"))
-            if float(seen) > 0:
+            if seen > 0:
                 with warnings.catch_warnings():  # a rank without updates of its own still joins the sync
                     warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
                     value = metric.compute()  # syncs across ranks: every rank logs the same value
