@@ -288,3 +288,38 @@ def test_saliency_of_linear_model_is_its_weight_row():
     assert torch.allclose(got, net.weight.detach()[[2, 0, 1, 2]])
     ig = integrated_gradients(net, x, [2, 0, 1, 2], n_steps=3)
     assert torch.allclose(ig, x * net.weight.detach()[[2, 0, 1, 2]], atol=1e-6)
+
+
+def test_default_passes_follow_the_bytes_the_model_saves(monkeypatch):
+    """Frozen Linear(300, 10) -> ReLU -> Linear(10, 3): the backward to the input keeps the ReLU output, 10 floats
+    = 40 bytes per point (and the weights, which are parameters and not counted); selecting the target class adds
+    the 3 logits and an int64 index: 60 bytes per point. With a budget of 1,500 bytes per pass: a first pass of
+    32 points, then passes of 25."""
+    import lightning_interp.attribution._gradients as core
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 10), nn.ReLU(), nn.Linear(10, 3))
+    x = torch.randn(100, 300)
+    with core.gradient_scope(net):
+        with core.saved_bytes(net) as count:
+            net(x.clone().requires_grad_(True))
+        assert count[0] == 100 * 10 * 4
+        monkeypatch.setattr(core, "_SAVED_BYTES_PER_PASS", 1500)
+        parts = list(core.input_gradients(net, 100, lambda a, b: x[a:b], lambda a, b: torch.full((b - a,), 2)))
+    assert [(a, b) for a, b, _ in parts] == [(0, 32), (32, 57), (57, 82), (82, 100)]
+    whole = saliency(net, x, 2, abs=False, internal_batch_size=100)
+    torch.testing.assert_close(torch.cat([g for _, _, g in parts]), whole, rtol=1e-5, atol=1e-7)
+
+
+def test_default_passes_are_bounded_for_large_activations():
+    """A point whose saved activations take 1 MB (+ 16 bytes for the 2 logits and the index) gets passes of 127
+    points (128 MB), whatever the input size; a tiny model gets at most 1,024 points per pass."""
+    import lightning_interp.attribution._gradients as core
+
+    net = nn.Sequential(nn.Linear(4, 2**18), nn.ReLU(), nn.Linear(2**18, 2))  # ReLU output: 2**18 floats = 1 MB
+    x = torch.randn(200, 4)
+    with core.gradient_scope(net):
+        targets = lambda a, b: torch.zeros(b - a, dtype=torch.long)  # noqa: E731
+        parts = list(core.input_gradients(net, 200, lambda a, b: x[a:b], targets))
+    assert [(a, b) for a, b, _ in parts] == [(0, 32), (32, 159), (159, 200)]
+    assert core.points_per_pass(1) == 1024 and core.points_per_pass(2**40) == 1

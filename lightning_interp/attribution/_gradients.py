@@ -11,15 +11,29 @@ from torch import nn
 
 from lightning_interp.errors import LightningInterpError
 
-__all__ = ["Target", "Forward", "as_target", "gradient_scope", "chunk_size", "input_gradients", "prepare_inputs"]
+__all__ = [
+    "Target",
+    "Forward",
+    "as_target",
+    "gradient_scope",
+    "chunk_size",
+    "points_per_pass",
+    "saved_bytes",
+    "input_gradients",
+    "prepare_inputs",
+]
 
 Target = int | Sequence[int] | torch.Tensor | None
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-# Points per forward/backward pass when the caller does not choose: large enough that per-call overhead is small,
-# small enough that activation memory stays bounded (about 2**19 input elements, 32..2048 points).
-_CHUNK_ELEMENTS = 2**19
-_MIN_CHUNK, _MAX_CHUNK = 32, 2048
+# Points per forward/backward pass when the caller does not choose. The first pass takes a few points and
+# counts the bytes the model saves for its backward; later passes take as many points as keep those saved
+# activations near 128 MB. On a 2-core x86 CPU the time per point is lowest there: smaller passes pay per-call
+# overhead, larger ones run out of cache (see docs/saliency.md). It also bounds memory by what the model keeps
+# rather than by the input size.
+_SAVED_BYTES_PER_PASS = 128 * 2**20
+_PROBE_POINTS = 32
+_MAX_CHUNK = 1024
 
 
 def as_target(target: Target, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -141,28 +155,74 @@ def prepare_inputs(inputs: torch.Tensor) -> torch.Tensor:
     return inputs.detach().clone()
 
 
-def chunk_size(internal_batch_size: int | None, example_shape: Sequence[int], total: int) -> int:
-    """Points per pass: the caller's ``internal_batch_size``, else a size bounded by input elements.
+def chunk_size(internal_batch_size: int | None) -> int | None:
+    """The caller's ``internal_batch_size``, checked; ``None`` stays (:func:`input_gradients` then chooses).
 
     Example:
-        >>> chunk_size(None, (1, 8, 8), total=10_000)  # small inputs: capped at 2048 points
-        2048
-        >>> chunk_size(None, (3, 224, 224), total=10_000)  # large inputs: at least 32 points
-        32
-        >>> chunk_size(None, (3, 224, 224), total=5), chunk_size(64, (3, 224, 224), total=10_000)
-        (5, 64)
+        >>> chunk_size(64), chunk_size(None) is None
+        (64, True)
+        >>> chunk_size(0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        lightning_interp.errors.LightningInterpError: Expected argument `internal_batch_size` to be an int ...
     """
-    if internal_batch_size is not None:
-        bad = isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int)
-        if bad or internal_batch_size < 1:
-            raise LightningInterpError(
-                f"Expected argument `internal_batch_size` to be an int >= 1 or None, but got {internal_batch_size!r}."
-            )
-        return internal_batch_size
-    numel = 1
-    for d in example_shape:
-        numel *= int(d)
-    return max(1, min(total, max(_MIN_CHUNK, min(_MAX_CHUNK, _CHUNK_ELEMENTS // max(numel, 1)))))
+    if internal_batch_size is None:
+        return None
+    bad = isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int)
+    if bad or internal_batch_size < 1:
+        raise LightningInterpError(
+            "Expected argument `internal_batch_size` to be an int >= 1 or None, "
+            f"but got {internal_batch_size!r}."
+        )
+    return internal_batch_size
+
+
+def points_per_pass(saved_bytes_per_point: float) -> int:
+    """Points per forward/backward pass for a model that saves ``saved_bytes_per_point`` for its backward:
+    about 128 MB of saved activations per pass, at most 1024 points.
+
+    Example:
+        >>> points_per_pass(4.5 * 2**20), points_per_pass(1.1 * 2**20)  # ResNet-18, 32x32, width 64 / 16
+        (28, 116)
+        >>> points_per_pass(40 * 2**10), points_per_pass(300 * 2**20)  # a CNN on 8x8 digits; a huge model
+        (1024, 1)
+    """
+    return int(max(1, min(_MAX_CHUNK, _SAVED_BYTES_PER_PASS // max(float(saved_bytes_per_point), 1.0))))
+
+
+@contextmanager
+def saved_bytes(model: Forward) -> Iterator[list[int]]:
+    """Count the bytes of the tensors autograd saves for the backward inside the block (each storage once,
+    the model's parameters and buffers excluded); yields a one-item list holding the count. The saved tensors
+    are kept as they are.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        >>> x = torch.ones(10, 4, requires_grad=True)
+        >>> with saved_bytes(net) as count:
+        ...     y = net(x)
+        >>> count[0]  # the input of the linear layer and the output of the ReLU: 10*4 + 10*8 floats
+        480
+    """
+    owned: set[int] = set()
+    if isinstance(model, nn.Module):
+        owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+    count = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in owned and key not in seen:
+                seen[key] = storage.nbytes()
+                count[0] += storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (sparse, some subclasses)
+            pass
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield count
 
 
 def input_gradients(
@@ -170,10 +230,12 @@ def input_gradients(
     total: int,
     points: Callable[[int, int], torch.Tensor],
     targets: Callable[[int, int], torch.Tensor | None],
-    chunk: int,
+    chunk: int | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """For ``total`` points made ``chunk`` at a time by ``points(start, stop)``, yield ``(start, stop, grad)``:
-    the gradient of the sum of the target outputs w.r.t. the points. Call inside :func:`gradient_scope`.
+    the gradient of the sum of the target outputs w.r.t. the points. With ``chunk=None`` the first pass takes
+    32 points and measures what the model saves for its backward, and the rest go in passes of
+    :func:`points_per_pass` points. Call inside :func:`gradient_scope`.
 
     Example:
         >>> model = nn.Linear(2, 3)
@@ -187,11 +249,23 @@ def input_gradients(
         >>> bool(torch.equal(torch.cat([g for _, _, g in parts]), model.weight[1].detach().expand(5, 2)))
         True
     """
-    for start in range(0, total, chunk):
-        stop = min(total, start + chunk)
+
+    def gradient(start: int, stop: int) -> torch.Tensor:
         x = points(start, stop).detach().requires_grad_(True)
         selected = select_outputs(model(x), targets(start, stop))
         grad = None
         if selected.requires_grad:  # an output that does not depend on the input has a zero gradient
             (grad,) = torch.autograd.grad(selected.sum(), x, allow_unused=True)
-        yield start, stop, torch.zeros_like(x) if grad is None else grad
+        return torch.zeros_like(x) if grad is None else grad
+
+    first = 0
+    if chunk is None:
+        first = min(total, _PROBE_POINTS)
+        if first:
+            with saved_bytes(model) as count:
+                grad = gradient(0, first)
+            yield 0, first, grad
+        chunk = points_per_pass(count[0] / first) if first else 1
+    for start in range(first, total, chunk):
+        stop = min(total, start + chunk)
+        yield start, stop, gradient(start, stop)

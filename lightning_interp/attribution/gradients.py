@@ -50,7 +50,7 @@ def _plain_gradient(
     x = prepare_inputs(inputs)
     t = as_target(target, x.shape[0], x.device)
     grad = torch.empty_like(x)
-    chunk = chunk_size(internal_batch_size, x.shape[1:], x.shape[0])
+    chunk = chunk_size(internal_batch_size)
     rows = (lambda a, b: t[a:b]) if t is not None else (lambda a, b: None)
     for start, stop, g in input_gradients(model, x.shape[0], lambda a, b: x[a:b], rows, chunk):
         grad[start:stop] = g
@@ -162,7 +162,7 @@ def smoothgrad(
             return None if t is None else t[torch.arange(start, stop, device=x.device) // n_samples]
 
         total = torch.zeros_like(x)
-        chunk = chunk_size(internal_batch_size, shape, batch * n_samples)
+        chunk = chunk_size(internal_batch_size)
         for start, stop, grad in input_gradients(model, batch * n_samples, points, rows, chunk):
             value = grad.abs() if abs else grad
             if squared:
@@ -254,7 +254,7 @@ def integrated_gradients(
             return None if t is None else t[torch.arange(start, stop, device=x.device) % batch]
 
         total = torch.zeros_like(x)
-        chunk = chunk_size(internal_batch_size, shape, batch * n_steps)
+        chunk = chunk_size(internal_batch_size)
         for start, stop, grad in input_gradients(model, batch * n_steps, points, rows, chunk):
             index = torch.arange(start, stop, device=x.device)
             total.index_add_(0, index % batch, grad * weight[index // batch].view(view))

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from typing_extensions import override
 
 from lightning_interp._validation import check_choice, check_choices, check_positive_float, check_positive_int
-from lightning_interp.attribution._gradients import as_target, chunk_size, gradient_scope, input_gradients
+from lightning_interp.attribution._gradients import as_target, gradient_scope, input_gradients
 from lightning_interp.attribution.gradients import guided_backprop, quadrature
 from lightning_interp.batches import BatchAdapter
 from lightning_interp.callbacks._base import PeriodicDumpCallback
@@ -297,10 +297,8 @@ class SaliencyMonitor(PeriodicDumpCallback):
             as_target(rows, rows.shape[0], rows.device)  # negative labels fail here with a clear message
             grads = torch.empty_like(points)
             with gradient_scope(model):
-                chunk = chunk_size(None, shape, points.shape[0])
-                passes = input_gradients(
-                    model, points.shape[0], lambda a, b: points[a:b], lambda a, b: rows[a:b], chunk
-                )
+                total = points.shape[0]
+                passes = input_gradients(model, total, lambda a, b: points[a:b], lambda a, b: rows[a:b])
                 for start, stop, g in passes:
                     grads[start:stop] = g
             offset = 0
