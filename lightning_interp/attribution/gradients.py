@@ -67,7 +67,7 @@ def saliency(
         inputs: a batch, ``(B, ...)``.
         target: class index per example: an int, a list, or a ``(B,)`` tensor; ``None`` for ``(B,)`` outputs.
         abs: return ``|dF_t/dx|`` (Captum's ``Saliency`` default) or the signed gradient.
-        internal_batch_size: examples per forward/backward pass (default: chosen from the input size).
+        internal_batch_size: examples per forward/backward pass (default: sized by what the model keeps).
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -124,11 +124,12 @@ def smoothgrad(
         n_samples: noisy copies per example.
         squared: average the squared saliency (SmoothGrad-Squared, Captum's ``smoothgrad_sq``).
         generator: draws the noise, leaving the global RNG untouched; with ``None`` the global RNG is used. The
-            noise is drawn chunk by chunk, so for a given seed the result depends on ``internal_batch_size``.
+            noise is drawn pass by pass, so for a given seed the result depends on the pass size
+            (``internal_batch_size``, or by default the bytes the model keeps per point).
         noise: the additive noise itself, ``(B, n_samples, ...)`` (example-major, as Captum's ``NoiseTunnel``
             draws it); overrides ``stdev`` and ``generator``.
         abs: absolute gradient per noisy copy (Captum's ``Saliency`` default) or the signed gradient.
-        internal_batch_size: noisy copies per forward/backward pass (default: chosen from the input size).
+        internal_batch_size: noisy copies per forward/backward pass (default: sized by what the model keeps).
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -215,7 +216,7 @@ def integrated_gradients(
         baselines: the reference ``x'``: ``None`` (zeros), a number, or a tensor broadcastable to ``inputs``.
         n_steps: points of the quadrature rule.
         method: ``gausslegendre`` or a Riemann rule (see :func:`quadrature`).
-        internal_batch_size: interpolants per forward/backward pass (default: chosen from the input size).
+        internal_batch_size: interpolants per forward/backward pass (default: sized by what the model keeps).
         return_convergence_delta: also return ``sum(attr) - (F_t(x) - F_t(x'))`` per example (signed).
 
     Example:
