@@ -2,26 +2,28 @@
 
     python benchmarks/bench_attribution.py            # digits CNN + ResNet-18 (width 64), batch 32
     python benchmarks/bench_attribution.py --quick    # ResNet-18 at width 16, batch 8, fewer steps
+    python benchmarks/bench_attribution.py --pass-sizes --repeats 2
+    python benchmarks/bench_attribution.py --faster-kernels --repeats 3
 
-For each method: median wall time over ``--repeats`` runs (libraries interleaved) and the peak resident memory
-above the level before the call (a 1 kHz sampling thread), for ours at defaults, Captum at defaults (all points
-in one pass) and Captum tuned (``internal_batch_size`` / ``nt_samples_batch_size`` giving passes of 128 points),
-and the largest relative difference from Captum. Then one SaliencyMonitor dump at its defaults on the ResNet-18 as
-a fraction of one epoch of the synthetic ResNet-18 benchmark (2,048 examples, batch 128: 16 optimizer steps, step
-time measured on a plain training step).
+For each method: median wall time over ``--repeats`` runs (libraries interleaved) and the peak allocated
+memory above the level before the call (glibc's count of bytes in use, sampled at 1 kHz), for ours at
+defaults, Captum at defaults (all points in one pass) and Captum tuned (``internal_batch_size`` /
+``nt_samples_batch_size`` giving passes of 128 points), and the largest relative difference from Captum. Then
+one SaliencyMonitor dump at its defaults on the ResNet-18 as a fraction of one epoch of the synthetic
+ResNet-18 benchmark (2,048 examples, batch 128: 16 optimizer steps, step time measured on a plain training
+step). With --pass-sizes: time per point against points per pass (how the default pass size was chosen); with
+--faster-kernels: one pass with channels_last inputs and torch.compile against the NCHW kernels Captum uses,
+and each one's error against float64.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
 import os
 import statistics
 import sys
-
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-    # large blocks straight from mmap and back to the OS on free, so resident memory tracks live tensors
-    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    os.execv(sys.executable, [sys.executable, *sys.argv])
 import threading
 import time
 import warnings
@@ -39,6 +41,12 @@ from lightning_interp.attribution import (  # noqa: E402
     saliency,
     smoothgrad,
 )
+from lightning_interp.attribution._gradients import (  # noqa: E402
+    gradient_scope,
+    input_gradients,
+    points_per_pass,
+    saved_bytes,
+)
 from lightning_interp.callbacks import SaliencyMonitor  # noqa: E402
 from lightning_interp.data import SyntheticImageDataModule, load_digits_tensors  # noqa: E402
 from lightning_interp.models import DigitsCNN, ResNet18  # noqa: E402
@@ -46,18 +54,47 @@ from lightning_interp.models import DigitsCNN, ResNet18  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]  # fmt: skip
+
+
+def _allocation_probe() -> Callable[[], float]:
+    """MB the process has allocated and not freed (glibc's mallinfo2: heap in use + mmapped blocks), else
+    resident memory. Unlike resident memory it falls when tensors are freed, with the allocator left at its
+    defaults (an earlier version forced every large block through mmap, which made the timed calls up to 3x
+    slower with page faults)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+
+        def allocated() -> float:
+            info = libc.mallinfo2()
+            return (info.uordblks + info.hblkhd) / 2**20
+
+        allocated()
+        return allocated
+    except (OSError, AttributeError):
+
+        def resident() -> float:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+        return resident
+
+
+_allocated_mb = _allocation_probe()
 
 
 def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-    """Wall seconds, peak RSS above the starting level (MB), result."""
-    start_rss, peak, done = _rss_mb(), [0.0], threading.Event()
+    """Wall seconds, peak allocated memory above the starting level (MB), result."""
+    start, peak, done = _allocated_mb(), [0.0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
+            peak[0] = max(peak[0], _allocated_mb())
             time.sleep(0.001)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -67,7 +104,7 @@ def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]
     elapsed = time.perf_counter() - t0
     done.set()
     thread.join()
-    return elapsed, max(0.0, max(peak[0], _rss_mb()) - start_rss), out
+    return elapsed, max(0.0, max(peak[0], _allocated_mb()) - start), out
 
 
 def methods(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, steps: int, samples: int, sigma: float):
@@ -79,13 +116,20 @@ def methods(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, steps: int
     def noise_pair():
         # the same noise for both: Captum draws it from the global RNG, we take it as an argument
         torch.manual_seed(0)
-        return (torch.randn((x.shape[0] * samples, *x.shape[1:])) * sigma).reshape(x.shape[0], samples, *x.shape[1:])
+        return (torch.randn((x.shape[0] * samples, *x.shape[1:])) * sigma).reshape(
+            x.shape[0], samples, *x.shape[1:]
+        )
 
     def captum_smoothgrad(batch: int | None) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             torch.manual_seed(0)
             return NoiseTunnel(Saliency(model)).attribute(
-                x, nt_type="smoothgrad", nt_samples=samples, stdevs=sigma, target=t, nt_samples_batch_size=batch
+                x,
+                nt_type="smoothgrad",
+                nt_samples=samples,
+                stdevs=sigma,
+                target=t,
+                nt_samples_batch_size=batch,
             )
 
         return run
@@ -105,7 +149,7 @@ def methods(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, steps: int
             captum_smoothgrad(None),
             captum_smoothgrad(per_chunk),
         ),
-    }
+    }  # fmt: skip
 
 
 def compare_methods(
@@ -136,6 +180,103 @@ def compare_methods(
              f"{(med['tuned'][0] if 'tuned' in med else med['captum'][0]) / med['ours'][0]:.2f}x", f"{err:.1e}"]
         )  # fmt: skip
         print(rows[-1], flush=True)
+    return rows
+
+
+def pass_sizes(model: torch.nn.Module, shape: tuple[int, ...], points: int, sizes: list[int], repeats: int):
+    """Time per point of the input-gradient pass over ``points`` random inputs in passes of each size (interleaved
+    medians), with the size our default picks for this model marked."""
+    model.eval()
+    x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(points) % 10
+    with gradient_scope(model):
+        with saved_bytes(model) as count:
+            model(x[:32].clone().requires_grad_(True))
+    ours = points_per_pass(count[0] / 32)
+
+    def run(size: int) -> None:
+        with gradient_scope(model):
+            for _ in input_gradients(model, points, lambda a, b: x[a:b], lambda a, b: t[a:b], size):
+                pass
+
+    times: dict[int, list[float]] = {size: [] for size in sorted({*sizes, ours})}
+    run(ours)
+    for _ in range(repeats):
+        for size in times:
+            t0 = time.perf_counter()
+            run(size)
+            times[size].append(time.perf_counter() - t0)
+    best = min(statistics.median(v) for v in times.values())
+    return [
+        [
+            f"{size}{' (ours)' if size == ours else ''}",
+            f"{count[0] / 32 * size / 2**20:.0f}",
+            f"{1e3 * statistics.median(v) / points:.2f}",
+            f"{statistics.median(v) / best:.2f}",
+        ]
+        for size, v in times.items()
+    ]
+
+
+def faster_kernels(width: int, points: int, repeats: int, compiled: bool) -> list[list[str]]:
+    """One input-gradient pass of ResNet-18 over ``points`` inputs with the kernels Captum uses (NCHW), with
+    channels_last inputs and (``compiled``) through ``torch.compile``: time, and the error of each against the
+    same pass in float64, next to the difference from the NCHW result and the ReLUs whose sign differs there.
+    """
+    torch.manual_seed(0)
+    net = ResNet18(width=width).net
+    net.train()
+    with torch.no_grad():  # running statistics of a few batches, so eval mode is not the untrained identity
+        for _ in range(3):
+            net(torch.randn(64, 3, 32, 32))
+    net.eval()
+    x = torch.randn(points, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.arange(points) % 10
+
+    def gradient(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.detach().requires_grad_(True)
+        return torch.autograd.grad(model(inputs).gather(1, t[:, None]).sum(), inputs)[0]
+
+    def relu_inputs(model: torch.nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+        handles = [
+            m.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach() > 0)) for m in relus
+        ]
+        with torch.no_grad():
+            model(inputs)
+        for h in handles:
+            h.remove()
+        return seen
+
+    net.requires_grad_(False)  # as our functions run a model: no layer keeps its input for a weight gradient
+    reference = gradient(copy.deepcopy(net).double(), x.double())
+    variants: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {
+        "NCHW (as Captum)": (net, x),
+        "channels_last inputs": (net, x.contiguous(memory_format=torch.channels_last)),
+    }
+    if compiled:
+        variants["torch.compile (inductor)"] = (torch.compile(net), x)
+    results = {
+        name: gradient(model, inputs) for name, (model, inputs) in variants.items()
+    }  # warm-up / compile
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (model, inputs) in variants.items():
+            t0 = time.perf_counter()
+            gradient(model, inputs)
+            times[name].append(time.perf_counter() - t0)
+    masks = {name: relu_inputs(model, inputs) for name, (model, inputs) in variants.items()}
+    nchw = "NCHW (as Captum)"
+    rows = []
+    for name, grad in results.items():
+        flips = sum(int((a != b).sum()) for a, b in zip(masks[name], masks[nchw]))
+        rows.append([
+            f"ResNet-18 w{width}", name, f"{statistics.median(times[name]):.3f}",
+            f"{statistics.median(times[nchw]) / statistics.median(times[name]):.2f}x",
+            f"{float((grad.double() - reference).abs().max() / reference.abs().max()):.1e}",
+            f"{float((grad - results[nchw]).abs().max() / results[nchw].abs().max()):.1e}", str(flips),
+        ])  # fmt: skip
     return rows
 
 
@@ -174,21 +315,49 @@ def monitor_cost(width: int, repeats: int) -> tuple[list[list[str]], str]:
             steps.append(time.perf_counter() - t0)
     dump, step = statistics.median(dumps), statistics.median(steps)
     epoch = 16 * step
-    rows = [[f"ResNet-18 w{width}", f"{dump:.2f}", f"{step:.2f}", f"{epoch:.1f}", f"{100 * dump / epoch:.1f}%"]]
+    rows = [
+        [f"ResNet-18 w{width}", f"{dump:.2f}", f"{step:.2f}", f"{epoch:.1f}", f"{100 * dump / epoch:.1f}%"]
+    ]
     return rows, f"{monitor!r}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="ResNet-18 width 16, batch 8, fewer steps")
-    parser.add_argument("--width", type=int, default=None, help="ResNet-18 width (default 64; 16 with --quick)")
-    parser.add_argument("--batch", type=int, default=None, help="examples per call (default 32; 8 with --quick)")
+    parser.add_argument(
+        "--width", type=int, default=None, help="ResNet-18 width (default 64; 16 with --quick)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="examples per call (default 32; 8 with --quick)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="IG n_steps (default 50; 10 with --quick)")
-    parser.add_argument("--samples", type=int, default=None, help="SmoothGrad samples (default 25; 5 with --quick)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="SmoothGrad samples (default 25; 5 with --quick)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repeats (default 3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--digits-repeats",
+        type=int,
+        default=15,
+        help="interleaved repeats for the digits CNN (calls of ~0.1 s)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="no untimed first call of each function")
     parser.add_argument("--monitor-only", action="store_true", help="only the monitor-cost measurement")
     parser.add_argument("--skip-monitor", action="store_true", help="leave out the monitor-cost measurement")
+    parser.add_argument(
+        "--pass-sizes",
+        action="store_true",
+        help="only: time per point against the points per pass, per model",
+    )
+    parser.add_argument(
+        "--faster-kernels",
+        action="store_true",
+        help="only: time and float64 error of one input-gradient pass with channels_last and torch.compile",
+    )
     args = parser.parse_args()
     q = args.quick
     width = args.width or (16 if q else 64)
@@ -197,36 +366,85 @@ def main() -> None:
     samples = args.samples or (5 if q else 25)
     repeats = args.repeats or (1 if q else 3)
 
+    if args.pass_sizes:
+        print(
+            f"Machine: {machine()}; input-gradient passes over 512 random points (digits 2,048), median of {repeats}"
+        )
+        for name, model, shape, sizes in (
+            ("digits CNN", DigitsCNN(), (1, 8, 8), [64, 256, 512, 1024, 2048]),
+            ("ResNet-18 w16", ResNet18(width=16), (3, 32, 32), [16, 32, 64, 128, 256, 512]),
+            ("ResNet-18 w64", ResNet18(width=64), (3, 32, 32), [8, 16, 32, 64, 128, 256, 512]),
+        ):
+            rows = pass_sizes(model, shape, 2048 if name.startswith("digits") else 512, sizes, repeats)
+            print(f"\n{name}:\n")
+            print(table(rows, ["points per pass", "MB kept per pass", "ms per point", "vs fastest"]))
+        return
+    if args.faster_kernels:
+        points = (args.batch or 32) * (args.steps or 5)
+        rows = faster_kernels(width, points, repeats, compiled=True)
+        print(f"Machine: {machine()}; one input-gradient pass over {points} points, median of {repeats}\n")
+        header = ["model", "kernels", "s", "speed-up", "error vs float64", "diff from NCHW", "ReLUs flipped"]
+        print(table(rows, header))
+        return
     if args.monitor_only:
         cost, config = monitor_cost(width, repeats)
-        print(f"Machine: {machine()}\nSaliencyMonitor dump at defaults ({config}) vs one synthetic ResNet-18 epoch:\n")
-        print(table(cost, ["model", "dump s", "train step s (batch 128)", "epoch s (16 steps)", "dump / epoch"]))
+        print(
+            f"Machine: {machine()}\nSaliencyMonitor dump at defaults ({config}) vs one synthetic ResNet-18 epoch:\n"
+        )
+        print(
+            table(cost, ["model", "dump s", "train step s (batch 128)", "epoch s (16 steps)", "dump / epoch"])
+        )
         return
     images, _ = load_digits_tensors()
     torch.manual_seed(0)
     rows = compare_methods(
-        "digits CNN", DigitsCNN(), images[:32], args.steps or 50, args.samples or 25, repeats, not args.no_warmup
+        "digits CNN",
+        DigitsCNN(),
+        images[:32],
+        args.steps or 50,
+        args.samples or 25,
+        args.digits_repeats,
+        not args.no_warmup,
     )
     gen = torch.Generator().manual_seed(0)
     rows += compare_methods(
-        f"ResNet-18 w{width}", ResNet18(width=width), torch.randn(batch, 3, 32, 32, generator=gen), steps, samples, repeats,
+        f"ResNet-18 w{width}",
+        ResNet18(width=width),
+        torch.randn(batch, 3, 32, 32, generator=gen),
+        steps,
+        samples,
+        repeats,
         not args.no_warmup,
     )
     print(
-        f"\nMachine: {machine()}; digits batch 32 (IG {args.steps or 50} steps, SmoothGrad {args.samples or 25} "
-        f"samples), ResNet-18 batch {batch} (IG {steps} steps, SmoothGrad {samples} samples); median of {repeats}\n"
+        f"\nMachine: {machine()}; digits batch 32 (IG {args.steps or 50} steps, SmoothGrad "
+        f"{args.samples or 25} samples; median of {args.digits_repeats}), ResNet-18 batch {batch} (IG {steps} "
+        f"steps, SmoothGrad {samples} samples; median of {repeats})\n"
     )
     print(
         table(
             rows,
-            ["model", "method", "ours s", "ours MB", "Captum s", "Captum MB", "tuned s", "tuned MB",
-             "vs Captum", "vs tuned", "max rel diff"],
+            [
+                "model",
+                "method",
+                "ours s",
+                "ours MB",
+                "Captum s",
+                "Captum MB",
+                "tuned s",
+                "tuned MB",
+                "vs Captum",
+                "vs tuned",
+                "max rel diff",
+            ],
         )  # fmt: skip
     )
     if not args.skip_monitor:
         cost, config = monitor_cost(width, repeats)
         print(f"\nSaliencyMonitor dump at defaults ({config}) vs one synthetic ResNet-18 epoch:\n")
-        print(table(cost, ["model", "dump s", "train step s (batch 128)", "epoch s (16 steps)", "dump / epoch"]))
+        print(
+            table(cost, ["model", "dump s", "train step s (batch 128)", "epoch s (16 steps)", "dump / epoch"])
+        )
 
 
 if __name__ == "__main__":
