@@ -194,7 +194,9 @@ def points_per_pass(saved_bytes_per_point: float) -> int:
 def saved_bytes(model: Forward) -> Iterator[list[int]]:
     """Count the bytes of the tensors autograd saves for the backward inside the block (each storage once,
     the model's parameters and buffers excluded); yields a one-item list holding the count. The saved tensors
-    are kept as they are.
+    are kept as they are. Hooks do not nest in PyTorch: inside the block a caller's own saved-tensor hooks
+    (e.g. ``torch.autograd.graph.save_on_cpu``) do not apply, and the parts of a model that checkpoint their
+    activations (``torch.utils.checkpoint``) are not counted.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
