@@ -6,7 +6,8 @@
     python benchmarks/bench_attribution.py --faster-kernels --repeats 3
 
 For each method: median wall time over ``--repeats`` runs (libraries interleaved) and the peak allocated
-memory above the level before the call (glibc's count of bytes in use, sampled at 1 kHz), for ours at
+memory above the level before the call (glibc's count of bytes in use, sampled at 1 kHz in a first, untimed
+call), for ours at
 defaults, Captum at defaults (all points in one pass) and Captum tuned (``internal_batch_size`` /
 ``nt_samples_batch_size`` giving passes of 128 points), and the largest relative difference from Captum. Then
 one SaliencyMonitor dump at its defaults on the ResNet-18 as a fraction of one epoch of the synthetic
@@ -88,8 +89,9 @@ def _allocation_probe() -> Callable[[], float]:
 _allocated_mb = _allocation_probe()
 
 
-def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-    """Wall seconds, peak allocated memory above the starting level (MB), result."""
+def peak_memory(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
+    """Wall seconds, peak allocated memory above the starting level (MB), result. The sampling thread slows
+    calls that allocate often (ours by ~25% on ResNet-18 w16), so timings come from calls without it."""
     start, peak, done = _allocated_mb(), [0.0], threading.Event()
 
     def sample() -> None:
@@ -153,7 +155,7 @@ def methods(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, steps: int
 
 
 def compare_methods(
-    name: str, model: torch.nn.Module, x: torch.Tensor, steps: int, samples: int, repeats: int, warmup: bool
+    name: str, model: torch.nn.Module, x: torch.Tensor, steps: int, samples: int, repeats: int
 ):
     model.eval()
     t = torch.arange(x.shape[0]) % 10
@@ -161,15 +163,17 @@ def compare_methods(
     for method, (ours, theirs, tuned) in methods(model, x, t, steps, samples, 0.15).items():
         runs: dict[str, list[tuple[float, float]]] = {"ours": [], "captum": [], "tuned": []}
         results = {}
-        for fn in (ours, theirs, tuned) if warmup else ():
+        memory = {}
+        for key, fn in (("ours", ours), ("captum", theirs), ("tuned", tuned)):  # also the warm-up call
             if fn is not None:
-                fn()
+                memory[key] = peak_memory(fn)[1]
         for _ in range(repeats):  # interleaved, so machine noise hits every side alike
             for key, fn in (("ours", ours), ("captum", theirs), ("tuned", tuned)):
                 if fn is None:
                     continue
-                seconds, mb, out = measure(fn)
-                runs[key].append((seconds, mb))
+                t0 = time.perf_counter()
+                out = fn()
+                runs[key].append((time.perf_counter() - t0, memory[key]))
                 results[key] = out.detach()
         err = float((results["ours"] - results["captum"]).abs().max() / results["captum"].abs().max())
         med = {k: (statistics.median(s for s, _ in v), max(m for _, m in v)) for k, v in runs.items() if v}
@@ -345,7 +349,6 @@ def main() -> None:
         default=15,
         help="interleaved repeats for the digits CNN (calls of ~0.1 s)",
     )
-    parser.add_argument("--no-warmup", action="store_true", help="no untimed first call of each function")
     parser.add_argument("--monitor-only", action="store_true", help="only the monitor-cost measurement")
     parser.add_argument("--skip-monitor", action="store_true", help="leave out the monitor-cost measurement")
     parser.add_argument(
@@ -404,7 +407,6 @@ def main() -> None:
         args.steps or 50,
         args.samples or 25,
         args.digits_repeats,
-        not args.no_warmup,
     )
     gen = torch.Generator().manual_seed(0)
     rows += compare_methods(
@@ -414,7 +416,6 @@ def main() -> None:
         steps,
         samples,
         repeats,
-        not args.no_warmup,
     )
     print(
         f"\nMachine: {machine()}; digits batch 32 (IG {args.steps or 50} steps, SmoothGrad "
