@@ -322,4 +322,7 @@ def test_default_passes_are_bounded_for_large_activations():
         targets = lambda a, b: torch.zeros(b - a, dtype=torch.long)  # noqa: E731
         parts = list(core.input_gradients(net, 200, lambda a, b: x[a:b], targets))
     assert [(a, b) for a, b, _ in parts] == [(0, 32), (32, 159), (159, 200)]
+    with core.gradient_scope(net):  # up to 48 points go in one pass rather than 32 + a small remainder
+        parts = list(core.input_gradients(net, 48, lambda a, b: x[a:b], targets))
+    assert [(a, b) for a, b, _ in parts] == [(0, 48)]
     assert core.points_per_pass(1) == 1024 and core.points_per_pass(2**40) == 1

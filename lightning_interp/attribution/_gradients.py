@@ -236,8 +236,8 @@ def input_gradients(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """For ``total`` points made ``chunk`` at a time by ``points(start, stop)``, yield ``(start, stop, grad)``:
     the gradient of the sum of the target outputs w.r.t. the points. With ``chunk=None`` the first pass takes
-    32 points and measures what the model saves for its backward, and the rest go in passes of
-    :func:`points_per_pass` points. Call inside :func:`gradient_scope`.
+    32 points (all of them when there are at most 48) and measures what the model saves for its backward, and
+    the rest go in passes of :func:`points_per_pass` points. Call inside :func:`gradient_scope`.
 
     Example:
         >>> model = nn.Linear(2, 3)
@@ -262,7 +262,8 @@ def input_gradients(
 
     first = 0
     if chunk is None:
-        first = min(total, _PROBE_POINTS)
+        # all at once when a second pass would be small: at most 1.5x the probe's memory, one pass fewer
+        first = total if total <= _PROBE_POINTS * 3 // 2 else _PROBE_POINTS
         if first:
             with saved_bytes(model) as count:
                 grad = gradient(0, first)
