@@ -207,8 +207,11 @@ def saved_bytes(model: Forward) -> Iterator[list[int]]:
         480
     """
     owned: set[int] = set()
-    if isinstance(model, nn.Module):
-        owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    for owned_tensor in (*model.parameters(), *model.buffers()) if isinstance(model, nn.Module) else ():
+        try:
+            owned.add(owned_tensor.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError, ValueError):  # lazy or storage-less parameters
+            pass
     seen: dict[int, int] = {}
     count = [0]
 
