@@ -326,3 +326,15 @@ def test_default_passes_are_bounded_for_large_activations():
         parts = list(core.input_gradients(net, 48, lambda a, b: x[a:b], targets))
     assert [(a, b) for a, b, _ in parts] == [(0, 48)]
     assert core.points_per_pass(1) == 1024 and core.points_per_pass(2**40) == 1
+
+
+def test_lazy_modules_work_and_match_autograd():
+    """A model with a lazy layer (parameters not yet materialized) is usable; the gradient is autograd's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    got = saliency(net, x, 1, abs=False)
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(net(leaf)[:, 1].sum(), leaf)
+    assert torch.allclose(got, expected)
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())

@@ -120,7 +120,9 @@ def gradient_scope(model: Forward) -> Iterator[None]:
         >>> model.weight.requires_grad, model.weight.grad is None
         (True, True)
     """
-    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    # lazy parameters (not yet materialized) cannot be frozen; their first forward materializes them
+    modules = model if isinstance(model, nn.Module) else nn.Module()
+    params = [p for p in modules.parameters() if not nn.parameter.is_lazy(p)]
     flags = [p.requires_grad for p in params]
     try:
         with torch.inference_mode(False), torch.enable_grad():
