@@ -104,6 +104,15 @@ def select_outputs(output: object, target: torch.Tensor | None) -> torch.Tensor:
     return output.gather(1, target.view(-1, 1)).squeeze(1)
 
 
+def _materialized(model: Forward, buffers: bool) -> list[torch.Tensor]:
+    """The model's parameters (and buffers) that exist already: lazy ones, materialized by the model's first
+    forward, can be neither frozen nor located in memory yet. Nothing for a model that is not a module."""
+    if not isinstance(model, nn.Module):
+        return []
+    tensors = [*model.parameters(), *(model.buffers() if buffers else ())]
+    return [t for t in tensors if not nn.parameter.is_lazy(t)]
+
+
 @contextmanager
 def gradient_scope(model: Forward) -> Iterator[None]:
     """Gradients on (even under ``no_grad``/``inference_mode``), the model's parameters frozen meanwhile so no
@@ -120,9 +129,7 @@ def gradient_scope(model: Forward) -> Iterator[None]:
         >>> model.weight.requires_grad, model.weight.grad is None
         (True, True)
     """
-    # lazy parameters (not yet materialized) cannot be frozen; their first forward materializes them
-    modules = model if isinstance(model, nn.Module) else nn.Module()
-    params = [p for p in modules.parameters() if not nn.parameter.is_lazy(p)]
+    params = _materialized(model, buffers=False)
     flags = [p.requires_grad for p in params]
     try:
         with torch.inference_mode(False), torch.enable_grad():
@@ -208,12 +215,7 @@ def saved_bytes(model: Forward) -> Iterator[list[int]]:
         >>> count[0]  # the input of the linear layer and the output of the ReLU: 10*4 + 10*8 floats
         480
     """
-    owned: set[int] = set()
-    for owned_tensor in (*model.parameters(), *model.buffers()) if isinstance(model, nn.Module) else ():
-        try:
-            owned.add(owned_tensor.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError, ValueError):  # lazy or storage-less parameters
-            pass
+    owned = {t.untyped_storage().data_ptr() for t in _materialized(model, buffers=True)}
     seen: dict[int, int] = {}
     count = [0]
 
