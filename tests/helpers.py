@@ -22,7 +22,11 @@ __all__ = [
     "assert_hook_hygiene",
     "every_callback",
     "OrderedDigits",
+    "TAG_FAMILIES",
 ]
+
+#: the tag prefixes of the five callbacks: every scalar, image or histogram of ours starts with one of them
+TAG_FAMILIES = ("probe/", "norm/", "gradflow/", "saliency/", "representer/")
 
 
 def every_callback(representer_examples: int = 200) -> list[Callback]:

@@ -35,9 +35,8 @@ from lightning_interp.callbacks import (
 )
 from lightning_interp.data import DigitsDataModule
 from lightning_interp.models import DigitsCNN
-from tests.helpers import every_callback, quiet_trainer
+from tests.helpers import TAG_FAMILIES, every_callback, quiet_trainer
 
-FAMILIES = ("probe/", "norm/", "gradflow/", "saliency/", "representer/")
 TRAIN_BATCHES, EPOCHS, NAN_STEP = 3, 3, 8  # global steps 0..8; logged steps (log_every_n_steps=2): 1, 3, 5, 7
 REPRESENTER_EXAMPLES = 200
 
@@ -97,7 +96,7 @@ class DumpPerRank(Callback):
             {
                 "probes": by_type["LinearProbeMonitor"].bank.state_dict()["probes"],
                 "metrics": {
-                    k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(FAMILIES)
+                    k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(TAG_FAMILIES)
                 },
                 "local": {**by_type["NormStatsMonitor"].last, **by_type["GradFlowMonitor"].last},
                 "problems": {name: dict(c.problems.counts) for name, c in by_type.items()},
@@ -150,7 +149,7 @@ def test_probe_replicas_identical(ddp_run: dict[str, Any]) -> None:
 
 def test_every_family_logged_and_equal_on_both_ranks(ddp_run: dict[str, Any]) -> None:
     rank0, rank1 = (r["metrics"] for r in ddp_run["ranks"])
-    for family in FAMILIES:
+    for family in TAG_FAMILIES:
         assert any(tag.startswith(family) for tag in rank0), f"nothing of {family} reached callback_metrics"
     assert rank0.keys() == rank1.keys()
     differ = {tag: (rank0[tag], rank1[tag]) for tag in rank0 if not _same(rank0[tag], rank1[tag])}

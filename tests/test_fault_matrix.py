@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_interp.data import DigitsDataModule
 from lightning_interp.hooks import count_hooks
 from lightning_interp.models import DigitsCNN
-from tests.helpers import assert_same_weights, every_callback, quiet_trainer, weights_of
+from tests.helpers import TAG_FAMILIES, assert_same_weights, every_callback, quiet_trainer, weights_of
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -262,7 +262,7 @@ def test_fault_matrix(row: Row, tmp_path: Path) -> None:
     if row.logger == "csv":
         with open(tmp_path / "csv" / "metrics.csv") as f:
             columns = set(next(csv.reader(f)))
-        for family in ("probe/", "norm/", "gradflow/", "saliency/", "representer/"):
+        for family in TAG_FAMILIES:
             assert any(c.startswith(family) for c in columns), f"{family} missing from metrics.csv"
     if row.same_weights:
         plain, _, _ = _run(row, tmp_path, with_ours=False)

@@ -25,9 +25,15 @@ from lightning_interp.callbacks import (
     SaliencyMonitor,
 )
 from lightning_interp.models import DigitsCNN
-from tests.helpers import OrderedDigits, assert_same_weights, every_callback, quiet_trainer, weights_of
+from tests.helpers import (
+    TAG_FAMILIES,
+    OrderedDigits,
+    assert_same_weights,
+    every_callback,
+    quiet_trainer,
+    weights_of,
+)
 
-FAMILIES = ("probe/", "norm/", "gradflow/", "saliency/", "representer/")
 #: written again by every fit start, at the step the fit starts from
 RESTATED = ("summary/run/text_summary", "probe/layers/text_summary", "custom_scalars__config__")
 
@@ -138,10 +144,10 @@ def test_tensorboard_steps_continue_without_gaps_or_duplicates(runs: dict[str, A
     whole, split = (events[kind] for events in runs["events"])
     assert whole, f"no {kind} written"
     assert whole.keys() == split.keys()
-    assert any(tag.startswith(FAMILIES) for tag in whole), f"none of our {kind}"
+    assert any(tag.startswith(TAG_FAMILIES) for tag in whole), f"none of our {kind}"
     for tag, series in whole.items():
         steps = [step for step, _ in split[tag]]
-        ours = tag.startswith(FAMILIES)
+        ours = tag.startswith(TAG_FAMILIES)
         assert len(steps) == len(set(steps)) or not ours, f"{tag}: duplicate steps {steps}"
         assert steps == [step for step, _ in series], f"{tag}: steps {steps} vs {[s for s, _ in series]}"
         if kind == "scalars" and not tag.endswith("seconds"):
