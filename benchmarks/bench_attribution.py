@@ -23,6 +23,7 @@ import argparse
 import copy
 import ctypes
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -109,6 +110,16 @@ def peak_memory(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Ten
     return elapsed, max(0.0, max(peak[0], _allocated_mb()) - start), out
 
 
+def _minor_faults() -> int:
+    """Pages the process has had to map on first touch so far: a tensor in freshly mmapped memory (glibc maps
+    every block over its threshold, at most 32 MB, on its own) costs one fault per 4 kB page."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
+
+
 def methods(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, steps: int, samples: int, sigma: float):
     from captum.attr import GuidedBackprop, InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 
@@ -162,6 +173,7 @@ def compare_methods(
     rows = []
     for method, (ours, theirs, tuned) in methods(model, x, t, steps, samples, 0.15).items():
         runs: dict[str, list[tuple[float, float]]] = {"ours": [], "captum": [], "tuned": []}
+        faults: dict[str, list[int]] = {"ours": [], "captum": [], "tuned": []}
         results = {}
         memory = {}
         for key, fn in (("ours", ours), ("captum", theirs), ("tuned", tuned)):  # also the warm-up call
@@ -171,9 +183,10 @@ def compare_methods(
             for key, fn in (("ours", ours), ("captum", theirs), ("tuned", tuned)):
                 if fn is None:
                     continue
-                t0 = time.perf_counter()
+                f0, t0 = _minor_faults(), time.perf_counter()
                 out = fn()
                 runs[key].append((time.perf_counter() - t0, memory[key]))
+                faults[key].append(_minor_faults() - f0)
                 results[key] = out.detach()
         err = float((results["ours"] - results["captum"]).abs().max() / results["captum"].abs().max())
         med = {k: (statistics.median(s for s, _ in v), max(m for _, m in v)) for k, v in runs.items() if v}
@@ -181,7 +194,8 @@ def compare_methods(
         rows.append(
             [name, method, f"{med['ours'][0]:.3f}", f"{med['ours'][1]:.0f}", f"{med['captum'][0]:.3f}",
              f"{med['captum'][1]:.0f}", *tuned_cells, f"{med['captum'][0] / med['ours'][0]:.2f}x",
-             f"{(med['tuned'][0] if 'tuned' in med else med['captum'][0]) / med['ours'][0]:.2f}x", f"{err:.1e}"]
+             f"{(med['tuned'][0] if 'tuned' in med else med['captum'][0]) / med['ours'][0]:.2f}x", f"{err:.1e}",
+             " / ".join(_count(statistics.median(faults[k])) for k in ("ours", "captum"))]
         )  # fmt: skip
         print(rows[-1], flush=True)
     return rows
@@ -204,12 +218,14 @@ def pass_sizes(model: torch.nn.Module, shape: tuple[int, ...], points: int, size
                 pass
 
     times: dict[int, list[float]] = {size: [] for size in sorted({*sizes, ours})}
+    faults: dict[int, list[int]] = {size: [] for size in times}
     run(ours)
     for _ in range(repeats):
         for size in times:
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             run(size)
             times[size].append(time.perf_counter() - t0)
+            faults[size].append(_minor_faults() - f0)
     best = min(statistics.median(v) for v in times.values())
     return [
         [
@@ -217,6 +233,7 @@ def pass_sizes(model: torch.nn.Module, shape: tuple[int, ...], points: int, size
             f"{count[0] / 32 * size / 2**20:.0f}",
             f"{1e3 * statistics.median(v) / points:.2f}",
             f"{statistics.median(v) / best:.2f}",
+            _count(statistics.median(faults[size])),
         ]
         for size, v in times.items()
     ]
@@ -374,13 +391,13 @@ def main() -> None:
             f"Machine: {machine()}; input-gradient passes over 512 random points (digits 2,048), median of {repeats}"
         )
         for name, model, shape, sizes in (
-            ("digits CNN", DigitsCNN(), (1, 8, 8), [64, 256, 512, 1024, 2048]),
+            ("digits CNN", DigitsCNN(), (1, 8, 8), [64, 128, 256, 512, 1024, 2048]),
             ("ResNet-18 w16", ResNet18(width=16), (3, 32, 32), [16, 32, 64, 128, 256, 512]),
             ("ResNet-18 w64", ResNet18(width=64), (3, 32, 32), [8, 16, 32, 64, 128, 256, 512]),
         ):
             rows = pass_sizes(model, shape, 2048 if name.startswith("digits") else 512, sizes, repeats)
             print(f"\n{name}:\n")
-            print(table(rows, ["points per pass", "MB kept per pass", "ms per point", "vs fastest"]))
+            print(table(rows, ["points per pass", "MB kept per pass", "ms per point", "vs fastest", "page faults"]))
         return
     if args.faster_kernels:
         points = (args.batch or 32) * (args.steps or 5)
@@ -437,6 +454,7 @@ def main() -> None:
                 "vs Captum",
                 "vs tuned",
                 "max rel diff",
+                "page faults ours / Captum",
             ],
         )  # fmt: skip
     )

@@ -294,7 +294,7 @@ def test_default_passes_follow_the_bytes_the_model_saves(monkeypatch):
     """Frozen Linear(300, 10) -> ReLU -> Linear(10, 3): the backward to the input keeps the ReLU output, 10 floats
     = 40 bytes per point (and the weights, which are parameters and not counted); selecting the target class adds
     the 3 logits and an int64 index: 60 bytes per point. With a budget of 1,500 bytes per pass: a first pass of
-    32 points, then passes of 25."""
+    32 points, then the other 68 in the fewest equal passes of at most 25 points: 3 passes of 23 (the last 22)."""
     import lightning_interp.attribution._gradients as core
 
     torch.manual_seed(0)
@@ -304,16 +304,17 @@ def test_default_passes_follow_the_bytes_the_model_saves(monkeypatch):
         with core.saved_bytes(net) as count:
             net(x.clone().requires_grad_(True))
         assert count[0] == 100 * 10 * 4
-        monkeypatch.setattr(core, "_SAVED_BYTES_PER_PASS", 1500)
+        monkeypatch.setattr(core, "_MAX_BYTES_PER_PASS", 1500)
         parts = list(core.input_gradients(net, 100, lambda a, b: x[a:b], lambda a, b: torch.full((b - a,), 2)))
-    assert [(a, b) for a, b, _ in parts] == [(0, 32), (32, 57), (57, 82), (82, 100)]
+    assert [(a, b) for a, b, _ in parts] == [(0, 32), (32, 55), (55, 78), (78, 100)]
     whole = saliency(net, x, 2, abs=False, internal_batch_size=100)
     torch.testing.assert_close(torch.cat([g for _, _, g in parts]), whole, rtol=1e-5, atol=1e-7)
 
 
 def test_default_passes_are_bounded_for_large_activations():
-    """A point whose saved activations take 1 MB (+ 16 bytes for the 2 logits and the index) gets passes of 127
-    points (128 MB), whatever the input size; a tiny model gets at most 1,024 points per pass."""
+    """A point whose saved activations take 1 MB (+ 16 bytes for the 2 logits and the index) gets passes of at
+    most 2**16 / sqrt(2**20 + 16) = 63.99 -> 63 points: the 168 points after the first 32 go in 3 passes of 56.
+    Whatever the model, a pass keeps at most 256 MB and 1,024 points."""
     import lightning_interp.attribution._gradients as core
 
     net = nn.Sequential(nn.Linear(4, 2**18), nn.ReLU(), nn.Linear(2**18, 2))  # ReLU output: 2**18 floats = 1 MB
@@ -321,11 +322,15 @@ def test_default_passes_are_bounded_for_large_activations():
     with core.gradient_scope(net):
         targets = lambda a, b: torch.zeros(b - a, dtype=torch.long)  # noqa: E731
         parts = list(core.input_gradients(net, 200, lambda a, b: x[a:b], targets))
-    assert [(a, b) for a, b, _ in parts] == [(0, 32), (32, 159), (159, 200)]
+    assert [(a, b) for a, b, _ in parts] == [(0, 32), (32, 88), (88, 144), (144, 200)]
     with core.gradient_scope(net):  # up to 48 points go in one pass rather than 32 + a small remainder
         parts = list(core.input_gradients(net, 48, lambda a, b: x[a:b], targets))
     assert [(a, b) for a, b, _ in parts] == [(0, 48)]
     assert core.points_per_pass(1) == 1024 and core.points_per_pass(2**40) == 1
+    assert core.points_per_pass(2**10) == 1024 and core.points_per_pass(2**14) == 2**16 // 2**7  # sqrt rule
+    assert core.points_per_pass(2**26) == 4  # 64 MB per point: the 256 MB bound, not 2**16 / 2**13 = 8
+    many = [core.points_per_pass(b) for b in (2**k for k in range(41))]
+    assert all(a >= b for a, b in zip(many, many[1:]))  # fewer points per pass as each point keeps more
 
 
 def test_lazy_modules_work_and_match_autograd():

@@ -27,11 +27,14 @@ Target = int | Sequence[int] | torch.Tensor | None
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 # Points per forward/backward pass when the caller does not choose. The first pass takes a few points and
-# counts the bytes the model saves for its backward; later passes take as many points as keep those saved
-# activations near 128 MB. On a 2-core x86 CPU the time per point is lowest there: smaller passes pay per-call
-# overhead, larger ones run out of cache (see docs/saliency.md). It also bounds memory by what the model keeps
-# rather than by the input size.
-_SAVED_BYTES_PER_PASS = 128 * 2**20
+# counts the bytes ``b`` the model saves per point for its backward; the rest go in equal passes of about
+# ``2**16 / sqrt(b)`` points. Per point, a pass costs its fixed overhead spread over its ``n`` points plus a memory
+# cost that grows with the pass's ``n * b`` bytes (cache misses; fresh pages from the OS once freed memory is
+# returned to it); ``a / n + c * n * b`` is lowest at ``n = sqrt(a / (c * b))``. The constant is fitted on a
+# 2-core x86 CPU (see docs/saliency.md): 30 points for ResNet-18 at width 64, 61 at width 16, 323 for the digits
+# CNN. Each pass keeps at most 256 MB (binding above 16 MB per point) and 1,024 points.
+_PASS_SCALE = 2**16
+_MAX_BYTES_PER_PASS = 256 * 2**20
 _PROBE_POINTS = 32
 _MAX_CHUNK = 1024
 
@@ -188,15 +191,17 @@ def chunk_size(internal_batch_size: int | None) -> int | None:
 
 def points_per_pass(saved_bytes_per_point: float) -> int:
     """Points per forward/backward pass for a model that saves ``saved_bytes_per_point`` for its backward:
-    about 128 MB of saved activations per pass, at most 1024 points.
+    ``2**16 / sqrt(saved_bytes_per_point)``, keeping at most 256 MB and 1,024 points per pass.
 
     Example:
         >>> points_per_pass(4.5 * 2**20), points_per_pass(1.1 * 2**20)  # ResNet-18, 32x32, width 64 / 16
-        (28, 116)
+        (30, 61)
         >>> points_per_pass(40 * 2**10), points_per_pass(300 * 2**20)  # a CNN on 8x8 digits; a huge model
-        (1024, 1)
+        (323, 1)
     """
-    return int(max(1, min(_MAX_CHUNK, _SAVED_BYTES_PER_PASS // max(float(saved_bytes_per_point), 1.0))))
+    per_point = max(float(saved_bytes_per_point), 1.0)
+    points = min(_PASS_SCALE / per_point**0.5, _MAX_BYTES_PER_PASS / per_point, _MAX_CHUNK)
+    return max(1, int(points))
 
 
 @contextmanager
@@ -244,7 +249,7 @@ def input_gradients(
     """For ``total`` points made ``chunk`` at a time by ``points(start, stop)``, yield ``(start, stop, grad)``:
     the gradient of the sum of the target outputs w.r.t. the points. With ``chunk=None`` the first pass takes
     32 points (all of them when there are at most 48) and measures what the model saves for its backward, and
-    the rest go in passes of :func:`points_per_pass` points. Call inside :func:`gradient_scope`.
+    the rest go in equal passes of at most :func:`points_per_pass` points. Call inside :func:`gradient_scope`.
 
     Example:
         >>> model = nn.Linear(2, 3)
@@ -271,11 +276,16 @@ def input_gradients(
     if chunk is None:
         # all at once when a second pass would be small: at most 1.5x the probe's memory, one pass fewer
         first = total if total <= _PROBE_POINTS * 3 // 2 else _PROBE_POINTS
-        if first:
-            with saved_bytes(model) as count:
-                grad = gradient(0, first)
-            yield 0, first, grad
-        chunk = points_per_pass(count[0] / first) if first else 1
+        if first == total:  # one pass, nothing to size (counting what autograd saves costs ~15% of a small pass)
+            if total:
+                yield 0, total, gradient(0, total)
+            return
+        with saved_bytes(model) as count:
+            grad = gradient(0, first)
+        yield 0, first, grad
+        remaining = total - first  # in equal passes: no small, slow remainder at the end
+        passes = -(-remaining // points_per_pass(count[0] / first))
+        chunk = -(-remaining // passes)
     for start in range(first, total, chunk):
         stop = min(total, start + chunk)
         yield start, stop, gradient(start, stop)
