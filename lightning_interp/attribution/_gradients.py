@@ -31,7 +31,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 # ``2**16 / sqrt(b)`` points. Per point, a pass costs its fixed overhead spread over its ``n`` points plus a memory
 # cost that grows with the pass's ``n * b`` bytes (cache misses; fresh pages from the OS once freed memory is
 # returned to it); ``a / n + c * n * b`` is lowest at ``n = sqrt(a / (c * b))``. The constant is fitted on a
-# 2-core x86 CPU (see docs/saliency.md): 30 points for ResNet-18 at width 64, 61 at width 16, 323 for the digits
+# 2-core x86 CPU (see docs/saliency.md): 30 points for ResNet-18 at width 64, 60 at width 16, 328 for the digits
 # CNN. Each pass keeps at most 256 MB (binding above 16 MB per point) and 1,024 points.
 _PASS_SCALE = 2**16
 _MAX_BYTES_PER_PASS = 256 * 2**20
