@@ -333,6 +333,29 @@ def test_default_passes_are_bounded_for_large_activations():
     assert all(a >= b for a, b in zip(many, many[1:]))  # fewer points per pass as each point keeps more
 
 
+def test_caller_saved_tensor_hooks_apply_when_one_pass_does_it_all():
+    """Up to 48 points go in one pass with nothing to size, so our counting hook is not installed and the caller's
+    own saved-tensor hooks (which ours would shadow: PyTorch's do not nest) see every tensor autograd saves."""
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    packed: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        packed.append(tensor.numel())
+        return tensor
+
+    x = torch.randn(48, 6)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        got = saliency(net, x, 1, abs=False)
+    assert 48 * 16 in packed  # the ReLU's output, kept for its backward
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(net(leaf)[:, 1].sum(), leaf)
+    torch.testing.assert_close(got, expected)
+    packed.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        saliency(net, torch.randn(100, 6), 1)  # 32 points measured under our hook, then the other 68 in one pass
+    assert 32 * 16 not in packed and 68 * 16 in packed
+
+
 def test_lazy_modules_work_and_match_autograd():
     """A model with a lazy layer (parameters not yet materialized) is usable; the gradient is autograd's."""
     torch.manual_seed(0)

@@ -210,7 +210,8 @@ def saved_bytes(model: Forward) -> Iterator[list[int]]:
     the model's parameters and buffers excluded); yields a one-item list holding the count. The saved tensors
     are kept as they are. Hooks do not nest in PyTorch: inside the block a caller's own saved-tensor hooks
     (e.g. ``torch.autograd.graph.save_on_cpu``) do not apply, and the parts of a model that checkpoint their
-    activations (``torch.utils.checkpoint``) are not counted.
+    activations (``torch.utils.checkpoint``) are not counted. :func:`input_gradients` counts only in the first
+    of several passes.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
