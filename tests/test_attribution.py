@@ -331,6 +331,9 @@ def test_default_passes_are_bounded_for_large_activations():
     assert core.points_per_pass(2**26) == 4  # 64 MB per point: the 256 MB bound, not 2**16 / 2**13 = 8
     many = [core.points_per_pass(b) for b in (2**k for k in range(41))]
     assert all(a >= b for a, b in zip(many, many[1:]))  # fewer points per pass as each point keeps more
+    cuda = torch.device("cuda")  # on an accelerator: 1 GB a pass, at most 4,096 points (no CUDA needed to ask)
+    assert core.points_per_pass(2**20, cuda) == 1024 and core.points_per_pass(1, cuda) == 4096
+    assert core.points_per_pass(2**31, cuda) == 1 and core.points_per_pass(2**20, torch.device("cpu")) == 64
 
 
 def test_caller_saved_tensor_hooks_apply_when_one_pass_does_it_all():

@@ -33,10 +33,15 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 # returned to it); ``a / n + c * n * b`` is lowest at ``n = sqrt(a / (c * b))``. The constant is fitted on a
 # 2-core x86 CPU (see docs/saliency.md): 30 points for ResNet-18 at width 64, 60 at width 16, 328 for the digits
 # CNN. Each pass keeps at most 256 MB (binding above 16 MB per point) and 1,024 points.
+# On an accelerator (CUDA, MPS) there is no page fault (a caching allocator) and a pass's fixed cost is hundreds of
+# kernel launches, so passes are as large as 1 GB of saved activations allows, at most 4,096 points (not measured:
+# no GPU has been lent to this project's sessions yet).
 _PASS_SCALE = 2**16
 _MAX_BYTES_PER_PASS = 256 * 2**20
 _PROBE_POINTS = 32
 _MAX_CHUNK = 1024
+_ACCELERATOR_BYTES_PER_PASS = 2**30
+_ACCELERATOR_MAX_CHUNK = 4096
 
 
 def as_target(target: Target, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -189,18 +194,24 @@ def chunk_size(internal_batch_size: int | None) -> int | None:
     return internal_batch_size
 
 
-def points_per_pass(saved_bytes_per_point: float) -> int:
-    """Points per forward/backward pass for a model that saves ``saved_bytes_per_point`` for its backward:
-    ``2**16 / sqrt(saved_bytes_per_point)``, keeping at most 256 MB and 1,024 points per pass.
+def points_per_pass(saved_bytes_per_point: float, device: torch.device | None = None) -> int:
+    """Points per forward/backward pass for a model that saves ``saved_bytes_per_point`` for its backward: on
+    the CPU ``2**16 / sqrt(saved_bytes_per_point)``, keeping at most 256 MB and 1,024 points per pass; on an
+    accelerator (``device`` other than CPU) as many as keep 1 GB, at most 4,096.
 
     Example:
         >>> points_per_pass(4.5 * 2**20), points_per_pass(1.1 * 2**20)  # ResNet-18, 32x32, width 64 / 16
         (30, 61)
         >>> points_per_pass(40 * 2**10), points_per_pass(300 * 2**20)  # a CNN on 8x8 digits; a huge model
         (323, 1)
+        >>> points_per_pass(4.5 * 2**20, torch.device("cuda")), points_per_pass(40 * 2**10, torch.device("cuda"))
+        (227, 4096)
     """
     per_point = max(float(saved_bytes_per_point), 1.0)
-    points = min(_PASS_SCALE / per_point**0.5, _MAX_BYTES_PER_PASS / per_point, _MAX_CHUNK)
+    if device is not None and device.type != "cpu":
+        points = min(_ACCELERATOR_BYTES_PER_PASS / per_point, _ACCELERATOR_MAX_CHUNK)
+    else:
+        points = min(_PASS_SCALE / per_point**0.5, _MAX_BYTES_PER_PASS / per_point, _MAX_CHUNK)
     return max(1, int(points))
 
 
@@ -285,7 +296,7 @@ def input_gradients(
             grad = gradient(0, first)
         yield 0, first, grad
         remaining = total - first  # in equal passes: no small, slow remainder at the end
-        passes = -(-remaining // points_per_pass(count[0] / first))
+        passes = -(-remaining // points_per_pass(count[0] / first, grad.device))
         chunk = -(-remaining // passes)
     for start in range(first, total, chunk):
         stop = min(total, start + chunk)
