@@ -279,6 +279,27 @@ def test_smoothgrad_generator_is_reproducible_and_global_rng_untouched(cnn):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_smoothgrad_seeded_noise_does_not_depend_on_the_pass_size():
+    """A seed gives one (n_samples, ...) block of noise per example, in example order, whatever the pass size:
+    the result equals the mean |gradient| at x_e + stdev * block_e[s], each block drawn here from the same seed
+    and each gradient taken by autograd one noisy copy at a time."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, target, stdev, samples = torch.randn(7, 5), [0, 1, 2, 0, 1, 2, 0], 0.3, 6
+    gen = torch.Generator().manual_seed(11)
+    expected = torch.zeros_like(x)
+    for e in range(x.shape[0]):
+        block = torch.randn((samples, 5), generator=gen) * stdev
+        for s in range(samples):
+            leaf = (x[e] + block[s]).unsqueeze(0).requires_grad_(True)
+            (grad,) = torch.autograd.grad(net(leaf)[0, target[e]], leaf)
+            expected[e] += grad[0].abs() / samples
+    for pass_size in (None, 1, 4, 6, 13, 42):  # passes that cut examples' blocks anywhere, and one pass for all
+        got = smoothgrad(net, x, target, stdev, n_samples=samples, generator=torch.Generator().manual_seed(11),
+                         internal_batch_size=pass_size)  # fmt: skip
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_saliency_of_linear_model_is_its_weight_row():
     """Closed form: for F(x) = W x + b, dF_t/dx = W[t] for every input."""
     torch.manual_seed(0)

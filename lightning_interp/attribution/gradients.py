@@ -124,8 +124,8 @@ def smoothgrad(
         n_samples: noisy copies per example.
         squared: average the squared saliency (SmoothGrad-Squared, Captum's ``smoothgrad_sq``).
         generator: draws the noise, leaving the global RNG untouched; with ``None`` the global RNG is used. The
-            noise is drawn pass by pass, so for a given seed the result depends on the pass size
-            (``internal_batch_size``, or by default the bytes the model keeps per point).
+            noise is drawn one ``(n_samples, ...)`` block per example, in order, so for a given seed the result
+            does not depend on the pass size (``internal_batch_size``, or by default what the model keeps).
         noise: the additive noise itself, ``(B, n_samples, ...)`` (example-major, as Captum's ``NoiseTunnel``
             draws it); overrides ``stdev`` and ``generator``.
         abs: absolute gradient per noisy copy (Captum's ``Saliency`` default) or the signed gradient.
@@ -150,13 +150,23 @@ def smoothgrad(
                 )
             flat_noise = noise.detach().reshape(batch * n_samples, *shape).to(x)
 
+        # Drawn noise: one (n_samples, ...) block per example, in example order, so a seed gives the same noise
+        # whatever the pass size; only the examples a pass reaches are kept.
+        blocks: dict[int, torch.Tensor] = {}
+
+        def drawn_noise(start: int, stop: int) -> torch.Tensor:
+            first, last = start // n_samples, (stop - 1) // n_samples
+            for e in [e for e in blocks if e < first]:
+                del blocks[e]
+            for e in range(max(blocks, default=first - 1) + 1, last + 1):
+                block = torch.randn((n_samples, *shape), generator=generator, device=x.device, dtype=x.dtype)
+                blocks[e] = block * stdev
+            rows = torch.cat([blocks[e] for e in range(first, last + 1)])
+            return rows[start - first * n_samples : stop - first * n_samples]
+
         def points(start: int, stop: int) -> torch.Tensor:
             example = torch.arange(start, stop, device=x.device) // n_samples
-            if noise is not None:
-                drawn = flat_noise[start:stop]
-            else:
-                drawn = torch.randn((stop - start, *shape), generator=generator, device=x.device, dtype=x.dtype)
-                drawn = drawn * stdev
+            drawn = flat_noise[start:stop] if noise is not None else drawn_noise(start, stop)
             return x[example] + drawn
 
         def rows(start: int, stop: int) -> torch.Tensor | None:
