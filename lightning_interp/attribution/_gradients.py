@@ -233,7 +233,7 @@ def saved_bytes(model: Forward) -> Iterator[list[int]]:
         480
     """
     owned = {t.untyped_storage().data_ptr() for t in _materialized(model, buffers=True)}
-    seen: dict[int, int] = {}
+    seen: set[int] = set()
     count = [0]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -241,7 +241,7 @@ def saved_bytes(model: Forward) -> Iterator[list[int]]:
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             if key not in owned and key not in seen:
-                seen[key] = storage.nbytes()
+                seen.add(key)
                 count[0] += storage.nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a storage (sparse, some subclasses)
             pass

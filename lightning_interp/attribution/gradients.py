@@ -151,18 +151,17 @@ def smoothgrad(
             flat_noise = noise.detach().reshape(batch * n_samples, *shape).to(x)
 
         # Drawn noise: one (n_samples, ...) block per example, in example order, so a seed gives the same noise
-        # whatever the pass size; only the examples a pass reaches are kept.
-        blocks: dict[int, torch.Tensor] = {}
+        # whatever the pass size. Passes come in order, so only the rows drawn and not yet used are kept.
+        unused = [x.new_empty((0, *shape))]
 
         def drawn_noise(start: int, stop: int) -> torch.Tensor:
-            first, last = start // n_samples, (stop - 1) // n_samples
-            for e in [e for e in blocks if e < first]:
-                del blocks[e]
-            for e in range(max(blocks, default=first - 1) + 1, last + 1):
+            parts = unused[:]
+            while sum(p.shape[0] for p in parts) < stop - start:
                 block = torch.randn((n_samples, *shape), generator=generator, device=x.device, dtype=x.dtype)
-                blocks[e] = block * stdev
-            rows = torch.cat([blocks[e] for e in range(first, last + 1)])
-            return rows[start - first * n_samples : stop - first * n_samples]
+                parts.append(block * stdev)
+            drawn = torch.cat(parts)
+            unused[0] = drawn[stop - start :]
+            return drawn[: stop - start]
 
         def points(start: int, stop: int) -> torch.Tensor:
             example = torch.arange(start, stop, device=x.device) // n_samples
