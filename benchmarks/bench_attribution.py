@@ -90,9 +90,9 @@ def _allocation_probe() -> Callable[[], float]:
 _allocated_mb = _allocation_probe()
 
 
-def peak_memory(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-    """Wall seconds, peak allocated memory above the starting level (MB), result. The sampling thread slows
-    calls that allocate often (ours by ~25% on ResNet-18 w16), so timings come from calls without it."""
+def peak_memory(fn: Callable[[], torch.Tensor]) -> float:
+    """Peak allocated memory of a call of ``fn`` above the starting level (MB). The sampling thread slows calls
+    that allocate often (ours by ~25% on ResNet-18 w16), so timings come from calls without it."""
     start, peak, done = _allocated_mb(), [0.0], threading.Event()
 
     def sample() -> None:
@@ -102,12 +102,10 @@ def peak_memory(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Ten
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    t0 = time.perf_counter()
-    out = fn()
-    elapsed = time.perf_counter() - t0
+    fn()
     done.set()
     thread.join()
-    return elapsed, max(0.0, max(peak[0], _allocated_mb()) - start), out
+    return max(0.0, max(peak[0], _allocated_mb()) - start)
 
 
 _SINGLE_PASS_ROUNDS = 9
@@ -181,7 +179,7 @@ def compare_methods(
         memory = {}
         for key, fn in (("ours", ours), ("captum", theirs), ("tuned", tuned)):  # also the warm-up call
             if fn is not None:
-                memory[key] = peak_memory(fn)[1]
+                memory[key] = peak_memory(fn)
         # interleaved, so machine noise hits every side alike; single-pass calls (under a second) get at least 9
         rounds = repeats if tuned is not None else max(repeats, _SINGLE_PASS_ROUNDS)
         for _ in range(rounds):
