@@ -4,6 +4,7 @@
     python benchmarks/bench_attribution.py --quick    # ResNet-18 at width 16, batch 8, fewer steps
     python benchmarks/bench_attribution.py --pass-sizes --repeats 2
     python benchmarks/bench_attribution.py --faster-kernels --repeats 3
+    python benchmarks/bench_attribution.py --isolated --processes 2 --calls 2
 
 For each method: median wall time over ``--repeats`` runs (libraries interleaved) and the peak allocated
 memory above the level before the call (glibc's count of bytes in use, sampled at 1 kHz in a first, untimed
@@ -14,7 +15,8 @@ one SaliencyMonitor dump at its defaults on the ResNet-18 as a fraction of one e
 ResNet-18 benchmark (2,048 examples, batch 128: 16 optimizer steps, step time measured on a plain training
 step). With --pass-sizes: time per point against points per pass (how the default pass size was chosen); with
 --faster-kernels: one pass with channels_last inputs and torch.compile against the NCHW kernels Captum uses,
-and each one's error against float64.
+and each one's error against float64; with --isolated: IG and SmoothGrad, ours and Captum's defaults each alone
+in fresh processes (alternating), so neither library's memory traffic sets the other's page faults.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -166,6 +170,22 @@ def methods(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, steps: int
     }  # fmt: skip
 
 
+def setups(width: int, batch: int) -> dict[str, Callable[[], tuple[torch.nn.Module, torch.Tensor]]]:
+    """The two benchmark models and their inputs, built from seed 0: the digits CNN on 32 digits and ResNet-18
+    (``width``) on ``batch`` random 3x32x32 images."""
+
+    def digits() -> tuple[torch.nn.Module, torch.Tensor]:
+        images, _ = load_digits_tensors()
+        torch.manual_seed(0)
+        return DigitsCNN(), images[:32]
+
+    def resnet() -> tuple[torch.nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        return ResNet18(width=width), torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    return {"digits CNN": digits, f"ResNet-18 w{width}": resnet}
+
+
 def compare_methods(
     name: str, model: torch.nn.Module, x: torch.Tensor, steps: int, samples: int, repeats: int
 ):
@@ -198,7 +218,7 @@ def compare_methods(
             [name, method, f"{med['ours'][0]:.3f}", f"{med['ours'][1]:.0f}", f"{med['captum'][0]:.3f}",
              f"{med['captum'][1]:.0f}", *tuned_cells, f"{med['captum'][0] / med['ours'][0]:.2f}x",
              f"{(med['tuned'][0] if 'tuned' in med else med['captum'][0]) / med['ours'][0]:.2f}x", f"{err:.1e}",
-             " / ".join(_count(statistics.median(faults[k])) for k in ("ours", "captum"))]
+             " / ".join(_count(statistics.median(faults[k])) for k in ("ours", "captum", "tuned") if faults[k])]
         )  # fmt: skip
         print(rows[-1], flush=True)
     return rows
@@ -304,6 +324,56 @@ def faster_kernels(width: int, points: int, repeats: int, compiled: bool) -> lis
     return rows
 
 
+def _worker(spec: str, width: int, batch: int, steps: int, samples: int) -> None:
+    """``--worker MODEL,METHOD,LIBRARY,CALLS``: time CALLS calls of one method of one library in this (fresh)
+    process and print ``[[seconds, page faults], ...]`` as JSON."""
+    model_name, method, library, calls = spec.split(",")
+    model, x = setups(width, batch)[model_name]()
+    model.eval()
+    table = methods(model, x, torch.arange(x.shape[0]) % 10, steps, samples, 0.15)
+    fn = next(fns for name, fns in table.items() if name.startswith(method))[0 if library == "ours" else 1]
+    calls_run = []
+    for _ in range(int(calls)):
+        f0, t0 = _minor_faults(), time.perf_counter()
+        fn()
+        calls_run.append((time.perf_counter() - t0, _minor_faults() - f0))
+    print(json.dumps(calls_run))
+
+
+def isolated(
+    width: int, batch: int, steps: int, samples: int, processes: int, calls: int, digits_calls: int
+) -> list[list[str]]:
+    """IG and SmoothGrad, ours and Captum's defaults, each alone in ``processes`` fresh processes per library
+    (alternating ours, Captum, ours, ...), ``calls`` calls each (``digits_calls`` for the digits CNN, always at
+    50 steps / 25 samples as in the main table): the first call of a process (cold: first use of the kernels and
+    of the memory) and the median of the later ones."""
+    rows = []
+    for model_name in setups(width, batch):
+        digits = model_name.startswith("digits")
+        n_calls, n_steps, n_samples = (digits_calls, 50, 25) if digits else (calls, steps, samples)
+        for method in ("integrated_gradients", "smoothgrad"):
+            runs: dict[str, list[list[tuple[float, int]]]] = {"ours": [], "captum": []}
+            for _ in range(processes):
+                for library in runs:
+                    command = [
+                        sys.executable, os.path.abspath(__file__), "--worker",
+                        f"{model_name},{method},{library},{n_calls}", "--width", str(width), "--batch", str(batch),
+                        "--steps", str(n_steps), "--samples", str(n_samples),
+                    ]  # fmt: skip
+                    done = subprocess.run(command, capture_output=True, text=True, check=True)
+                    runs[library].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            first = {k: statistics.median(r[0][0] for r in v) for k, v in runs.items()}
+            later = {k: statistics.median(s for r in v for s, _ in r[1:]) for k, v in runs.items()}
+            faults = {k: statistics.median(f for r in v for _, f in r[1:]) for k, v in runs.items()}
+            rows.append([
+                model_name, method, f"{first['ours']:.3f}", f"{first['captum']:.3f}",
+                f"{first['captum'] / first['ours']:.2f}x", f"{later['ours']:.3f}", f"{later['captum']:.3f}",
+                f"{later['captum'] / later['ours']:.2f}x", f"{_count(faults['ours'])} / {_count(faults['captum'])}",
+            ])  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
 def monitor_cost(width: int, repeats: int) -> tuple[list[list[str]], str]:
     """One dump at the monitor's defaults vs one epoch (16 steps of batch 128) of ResNet-18 training."""
     torch.manual_seed(0)
@@ -381,6 +451,14 @@ def main() -> None:
         action="store_true",
         help="only: time and float64 error of one input-gradient pass with channels_last and torch.compile",
     )
+    parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="only: IG and SmoothGrad, ours and Captum's defaults each alone in fresh processes",
+    )
+    parser.add_argument("--processes", type=int, default=2, help="fresh processes per library (--isolated)")
+    parser.add_argument("--calls", type=int, default=2, help="calls per ResNet process (--isolated)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     q = args.quick
     width = args.width or (16 if q else 64)
@@ -389,6 +467,21 @@ def main() -> None:
     samples = args.samples or (5 if q else 25)
     repeats = args.repeats or (1 if q else 3)
 
+    if args.worker:
+        _worker(args.worker, width, batch, steps, samples)
+        return
+    if args.isolated:
+        if min(args.calls, args.digits_repeats) < 2:
+            parser.error("--isolated needs --calls and --digits-repeats >= 2 (the first call of a process is cold)")
+        rows = isolated(width, batch, steps, samples, args.processes, args.calls, args.digits_repeats)
+        print(
+            f"\nMachine: {machine()}; ResNet-18 w{width} batch {batch} (IG {steps} steps, SmoothGrad {samples} "
+            f"samples), digits CNN batch 32 (50 steps, 25 samples); {args.processes} fresh processes per library, "
+            f"{args.calls} calls each ({args.digits_repeats} on digits)\n"
+        )
+        header = ["model", "method", "ours first s", "Captum first s", "first", "ours later s", "Captum later s"]
+        print(table(rows, [*header, "later", "page faults later ours / Captum"]))
+        return
     if args.pass_sizes:
         print(
             f"Machine: {machine()}; input-gradient passes over 512 random points (digits 2,048), median of {repeats}"
@@ -418,25 +511,11 @@ def main() -> None:
             table(cost, ["model", "dump s", "train step s (batch 128)", "epoch s (16 steps)", "dump / epoch"])
         )
         return
-    images, _ = load_digits_tensors()
-    torch.manual_seed(0)
+    build = setups(width, batch)
     rows = compare_methods(
-        "digits CNN",
-        DigitsCNN(),
-        images[:32],
-        args.steps or 50,
-        args.samples or 25,
-        args.digits_repeats,
+        "digits CNN", *build["digits CNN"](), args.steps or 50, args.samples or 25, args.digits_repeats
     )
-    gen = torch.Generator().manual_seed(0)
-    rows += compare_methods(
-        f"ResNet-18 w{width}",
-        ResNet18(width=width),
-        torch.randn(batch, 3, 32, 32, generator=gen),
-        steps,
-        samples,
-        repeats,
-    )
+    rows += compare_methods(f"ResNet-18 w{width}", *build[f"ResNet-18 w{width}"](), steps, samples, repeats)
     print(
         f"\nMachine: {machine()}; digits batch 32 (IG {args.steps or 50} steps, SmoothGrad "
         f"{args.samples or 25} samples; median of {args.digits_repeats}), ResNet-18 batch {batch} (IG {steps} "
@@ -457,7 +536,7 @@ def main() -> None:
                 "vs Captum",
                 "vs tuned",
                 "max rel diff",
-                "page faults ours / Captum",
+                "page faults ours / Captum / tuned",
             ],
         )  # fmt: skip
     )
