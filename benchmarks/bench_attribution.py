@@ -121,6 +121,13 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _timed(fn: Callable[[], object]) -> tuple[float, int, object]:
+    """One call of ``fn``: its wall time (s), the page faults it took (:func:`_minor_faults`) and its result."""
+    f0, t0 = _minor_faults(), time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, _minor_faults() - f0, result
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
@@ -206,10 +213,9 @@ def compare_methods(
             for key, fn in (("ours", ours), ("captum", theirs), ("tuned", tuned)):
                 if fn is None:
                     continue
-                f0, t0 = _minor_faults(), time.perf_counter()
-                out = fn()
-                runs[key].append((time.perf_counter() - t0, memory[key]))
-                faults[key].append(_minor_faults() - f0)
+                seconds, faulted, out = _timed(fn)
+                runs[key].append((seconds, memory[key]))
+                faults[key].append(faulted)
                 results[key] = out.detach()
         err = float((results["ours"] - results["captum"]).abs().max() / results["captum"].abs().max())
         med = {k: (statistics.median(s for s, _ in v), max(m for _, m in v)) for k, v in runs.items() if v}
@@ -245,10 +251,9 @@ def pass_sizes(model: torch.nn.Module, shape: tuple[int, ...], points: int, size
     run(ours)
     for _ in range(repeats):
         for size in times:
-            f0, t0 = _minor_faults(), time.perf_counter()
-            run(size)
-            times[size].append(time.perf_counter() - t0)
-            faults[size].append(_minor_faults() - f0)
+            seconds, faulted, _ = _timed(lambda: run(size))
+            times[size].append(seconds)
+            faults[size].append(faulted)
     best = min(statistics.median(v) for v in times.values())
     return [
         [
@@ -332,12 +337,7 @@ def _worker(spec: str, width: int, batch: int, steps: int, samples: int) -> None
     model.eval()
     table = methods(model, x, torch.arange(x.shape[0]) % 10, steps, samples, 0.15)
     fn = next(fns for name, fns in table.items() if name.startswith(method))[0 if library == "ours" else 1]
-    calls_run = []
-    for _ in range(int(calls)):
-        f0, t0 = _minor_faults(), time.perf_counter()
-        fn()
-        calls_run.append((time.perf_counter() - t0, _minor_faults() - f0))
-    print(json.dumps(calls_run))
+    print(json.dumps([_timed(fn)[:2] for _ in range(int(calls))]))
 
 
 def isolated(
