@@ -48,3 +48,13 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(n)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(c)] for g, c in zip(gathered, counts)])
+
+
+def all_gather_object(value: object) -> list[object]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` on one process."""
+    n = world_size()
+    if n == 1:
+        return [value]
+    gathered: list[object] = [None] * n
+    dist.all_gather_object(gathered, value)
+    return gathered

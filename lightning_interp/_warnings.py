@@ -23,9 +23,11 @@ class ProblemCounter:
         self.owner = owner
         self.counts: Counter[str] = Counter()
 
-    def report(self, kind: str, message: str) -> None:
-        self.counts[kind] += 1
-        if self.counts[kind] == 1:
+    def report(self, kind: str, message: str, count: int = 1) -> None:
+        """Count ``count`` occurrences of ``kind``; warn with ``message`` if it is the first time."""
+        first = self.counts[kind] == 0
+        self.counts[kind] += count
+        if first and count > 0:
             rank_zero_warn(f"{self.owner}: {message} (warned once; further cases are counted as `{kind}`).")
 
     def state_dict(self) -> dict[str, int]:

@@ -5,18 +5,51 @@ One selection rule for every callback, so their pictures talk about the same exa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_interp._validation import check_positive_int
-from lightning_interp.batches import BatchAdapter, split_batch
+from lightning_interp.batches import BatchAdapter, ModelBatch, unpack_batch
 from lightning_interp.errors import LightningInterpError
 
-__all__ = ["select_examples", "example_source", "first_loader"]
+__all__ = [
+    "select_examples",
+    "select_example_batch",
+    "example_source",
+    "first_loader",
+    "training_loader",
+    "sample_batches",
+    "preserved_rng",
+]
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leave the global random number generators (torch's CPU and current CUDA device, numpy's, Python's) as they
+    were: a dataset's ``__getitem__`` may draw augmentations from them, and a DataLoader draws its base seed.
+
+    Example:
+        >>> before = torch.random.get_rng_state()
+        >>> with preserved_rng():
+        ...     _ = torch.rand(3), np.random.rand(), random.random()
+        >>> bool(torch.equal(before, torch.random.get_rng_state()))
+        True
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def first_loader(loaders: Any) -> Any:
@@ -31,6 +64,57 @@ def first_loader(loaders: Any) -> Any:
     if isinstance(loaders, dict):
         return next(iter(loaders.values()), None)
     return loaders
+
+
+def training_loader(trainer: Any) -> Any:
+    """The Trainer's (first) training loader, the datamodule's when the Trainer has not loaded it yet; ``None``."""
+    loader = first_loader(getattr(trainer, "train_dataloader", None))
+    if loader is None and getattr(trainer, "datamodule", None) is not None:
+        try:
+            loader = first_loader(trainer.datamodule.train_dataloader())
+        except Exception:  # noqa: BLE001 - a datamodule without training data
+            loader = None
+    return loader
+
+
+def sample_batches(
+    loader: Any, max_examples: int | None, seed: int = 0, batch_size: int = 256, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Batches of a fixed sample of a loader's data, with the dataset positions of their examples.
+
+    A map-style dataset (or a DataLoader over one) is indexed directly, in index order, ``batch_size`` examples at a
+    time and collated with the loader's ``collate_fn``: no sampler, no shuffling, no workers. The sample is the
+    whole dataset, or ``max_examples`` positions drawn once from ``seed`` (the same at every call); under DDP each
+    rank takes every ``world_size``-th of them from ``rank`` on. Other data is read in its loader's own order until
+    ``max_examples``. The global RNGs are left as they were (:func:`preserved_rng`).
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.arange(10.0).view(10, 1), torch.arange(10))
+        >>> [ids.tolist() for _, ids in sample_batches(data, max_examples=4, seed=0, batch_size=3)]
+        [[1, 4, 5], [7]]
+    """
+    dataset = loader.dataset if isinstance(loader, DataLoader) else loader
+    with preserved_rng():
+        if _is_map_style(dataset):
+            n = len(dataset)
+            chosen = torch.arange(n)
+            if max_examples is not None and max_examples < n:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+                chosen = order[:max_examples].sort().values
+            chosen = chosen[rank::world_size]
+            collate = (loader.collate_fn if isinstance(loader, DataLoader) else None) or default_collate
+            for start in range(0, len(chosen), batch_size):
+                ids = chosen[start : start + batch_size]
+                yield collate([dataset[int(i)] for i in ids]), ids
+            return
+        seen = 0
+        for batch in loader:
+            size = len(unpack_batch(batch, require_targets=False)) if not isinstance(batch, torch.Tensor) else len(batch)
+            yield batch, torch.arange(seen, seen + size)
+            seen += size
+            if max_examples is not None and seen >= max_examples:
+                return
 
 
 def _holds_examples(loader: Any) -> bool:
@@ -75,40 +159,55 @@ def _is_map_style(dataset: Any) -> bool:
     )
 
 
-def _pool(
-    source: Dataset | DataLoader | Iterable[Any], size: int, batch_adapter: BatchAdapter | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first ``size`` examples in the data's own order, as ``(inputs, targets)``."""
+def _pool(source: Dataset | DataLoader | Iterable[Any], size: int, batch_adapter: BatchAdapter | None) -> ModelBatch:
+    """The first ``size`` examples in the data's own order."""
     dataset = source.dataset if isinstance(source, DataLoader) else source
-    if _is_map_style(dataset):
-        # index the dataset directly: no sampler (whose shuffling would draw from the global RNG), no workers
-        collate = source.collate_fn if isinstance(source, DataLoader) else default_collate
-        count = min(size, len(dataset))  # type: ignore[arg-type]
-        if count == 0:
-            raise LightningInterpError("Expected the validation data to hold examples, but it is empty.")
-        return split_batch(collate([dataset[i] for i in range(count)]), batch_adapter, require_targets=False)
-    inputs, targets, have = [], [], 0
-    for batch in source:  # type: ignore[union-attr]
-        x, y = split_batch(batch, batch_adapter, require_targets=False)
-        inputs.append(x)
-        targets.append(y)
-        have += x.shape[0]
-        if have >= size:
-            break
-    if not inputs:
+    with preserved_rng():
+        if _is_map_style(dataset):
+            # index the dataset directly: no sampler (whose shuffling would draw from the global RNG), no workers
+            collate = (source.collate_fn if isinstance(source, DataLoader) else None) or default_collate
+            count = min(size, len(dataset))  # type: ignore[arg-type]
+            if count == 0:
+                raise LightningInterpError("Expected the validation data to hold examples, but it is empty.")
+            return unpack_batch(collate([dataset[i] for i in range(count)]), batch_adapter, require_targets=False)
+        parts, have = [], 0
+        for batch in source:  # type: ignore[union-attr]
+            parts.append(unpack_batch(batch, batch_adapter, require_targets=False))
+            have += len(parts[-1])
+            if have >= size:
+                break
+    if not parts:
         raise LightningInterpError("Expected the validation data to hold examples, but it yielded no batch.")
-    y_all = None if any(y is None for y in targets) else torch.cat(targets)[:size]
-    return torch.cat(inputs)[:size], y_all
+    return _concatenate(parts).rows(slice(0, size))
 
 
-def select_examples(
+def _concatenate(parts: list[ModelBatch]) -> ModelBatch:
+    """One batch from several (token batches padded to different lengths are padded to the longest)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if tensors[0].dim() >= 2 and len({t.shape[1:] for t in tensors}) > 1:
+            width = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in tensors]
+        return torch.cat(tensors)
+
+    targets = None if any(p.targets is None for p in parts) else cat([p.targets for p in parts])  # type: ignore[misc]
+    extras = {k: cat([p.extras[k] for p in parts]) for k in first.extras if all(k in p.extras for p in parts)}
+    return ModelBatch(cat([p.inputs for p in parts]), targets, first.key, extras)
+
+
+def select_example_batch(
     source: Dataset | DataLoader | Iterable[Any],
     k: int = 8,
     seed: int = 0,
     batch_adapter: BatchAdapter | None = None,
     pool_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Choose ``k`` examples deterministically, spread over the classes.
+) -> tuple[ModelBatch, torch.Tensor]:
+    """Choose ``k`` examples deterministically, spread over the classes; returns them as one
+    :class:`~lightning_interp.batches.ModelBatch` (inputs, targets and, for dict batches, the other tensors the model
+    takes, such as ``attention_mask``) and their positions in the data's order.
 
     The rule: take the first ``pool_size`` examples (default ``max(32 * k, 256)``) in the data's own order
     (dataset index order for a map-style dataset or a DataLoader over one, whose sampler is not used; iteration
@@ -116,30 +215,17 @@ def select_examples(
     taking its examples in the order of a permutation of the pool seeded by ``seed``; otherwise take ``k`` pool
     examples in that permuted order. No global RNG is used.
 
-    Args:
-        source: a map-style dataset, a DataLoader, or any iterable of batches.
-        k: how many examples.
-        seed: seed of the permutation.
-        batch_adapter: ``batch -> (inputs, targets)`` for batch formats that are not ``(x, y)`` pairs or dicts.
-        pool_size: how many leading examples to choose from.
-
-    Returns:
-        ``(inputs, targets, indices)``: the examples (detached copies), their targets (``None`` when the data has
-        none) and their positions in the data's order.
-
     Example:
         >>> from torch.utils.data import TensorDataset
         >>> data = TensorDataset(torch.arange(20.0).view(20, 1), torch.arange(20) % 4)
-        >>> x, y, idx = select_examples(data, k=6, seed=0)
-        >>> y.tolist()
-        [0, 1, 2, 3, 0, 1]
-        >>> bool(torch.equal(y, idx % 4))
-        True
+        >>> batch, idx = select_example_batch(data, k=6, seed=0)
+        >>> batch.targets.tolist(), bool(torch.equal(batch.targets, idx % 4))
+        ([0, 1, 2, 3, 0, 1], True)
     """
     check_positive_int("k", k)
     size = check_positive_int("pool_size", pool_size) if pool_size is not None else max(32 * k, 256)
-    inputs, targets = _pool(source, size, batch_adapter)
-    n = inputs.shape[0]
+    pool = _pool(source, size, batch_adapter)
+    n, targets = len(pool), pool.targets
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if (
         targets is not None
@@ -159,5 +245,27 @@ def select_examples(
     else:
         chosen = order[:k].tolist()
     index = torch.tensor(chosen, dtype=torch.long)
-    picked_targets = None if targets is None else targets[index].detach().clone()
-    return inputs[index].detach().clone(), picked_targets, index
+    return pool.rows(index).detached(), index
+
+
+def select_examples(
+    source: Dataset | DataLoader | Iterable[Any],
+    k: int = 8,
+    seed: int = 0,
+    batch_adapter: BatchAdapter | None = None,
+    pool_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`select_example_batch` as ``(inputs, targets, indices)``: the examples (detached copies), their
+    targets (``None`` when the data has none) and their positions in the data's order.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.arange(20.0).view(20, 1), torch.arange(20) % 4)
+        >>> x, y, idx = select_examples(data, k=6, seed=0)
+        >>> y.tolist()
+        [0, 1, 2, 3, 0, 1]
+        >>> bool(torch.equal(y, idx % 4))
+        True
+    """
+    batch, index = select_example_batch(source, k, seed, batch_adapter, pool_size)
+    return batch.inputs, batch.targets, index
