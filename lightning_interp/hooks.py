@@ -19,7 +19,7 @@ from lightning_interp.layers import Layer, first_tensor
 
 __all__ = ["HookManager", "ActivationCapture", "count_hooks"]
 
-Reducer = Callable[[str, torch.Tensor], torch.Tensor]
+Reducer = Callable[[str, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 class HookManager:
@@ -96,6 +96,8 @@ class ActivationCapture:
     ``name@1``, ``name@2``, ...; :meth:`clear` (called at every batch start) resets the call counts. Layers whose
     output is a tuple/list/dict give their first tensor (or ``output_key``); non-tensor outputs are skipped and
     reported once. The model input (layer ``input``) is not hooked: callers add it from the batch with :meth:`put`.
+    ``mask`` (set by the caller for each batch: its ``attention_mask``) is handed to the reducer, which uses it for
+    ``(B, T, D)`` outputs; ``fired`` collects the names of the layers whose hooks ran while active.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -123,6 +125,8 @@ class ActivationCapture:
         self.problems = problems or ProblemCounter(type(self).__name__)
         self.hooks = hooks if hooks is not None else HookManager()  # a callback passes its own manager
         self.active = False
+        self.mask: torch.Tensor | None = None
+        self.fired: set[str] = set()
         self.activations: dict[str, torch.Tensor] = {}
         self._calls: defaultdict[str, int] = defaultdict(int)
 
@@ -142,12 +146,13 @@ class ActivationCapture:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Store an activation that does not come from a hook (the model input)."""
         tensor = tensor.detach()
-        self.activations[name] = self.reducer(name, tensor) if self.reducer else tensor
+        self.activations[name] = self.reducer(name, tensor, self.mask) if self.reducer else tensor
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self.active:
                 return
+            self.fired.add(name)
             call = self._calls[name]
             self._calls[name] = call + 1
             key = name if call == 0 else f"{name}@{call}"

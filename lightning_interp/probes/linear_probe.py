@@ -45,22 +45,33 @@ class LinearProbe(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update_statistics(self, mean: torch.Tensor, var: torch.Tensor | None = None) -> None:
-        """Fold a batch's feature mean and variance into the running estimates.
+    def update_statistics(
+        self, mean: torch.Tensor, var: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> None:
+        """Fold a batch's feature mean and variance into the running estimates (the first batch sets them).
 
         Pass the batch itself as ``mean`` (and no ``var``) to let the probe compute both; under DDP, callers pass
-        moments already averaged across ranks so that every replica stays identical.
+        moments already averaged across ranks so that every replica stays identical. ``keep`` (a 0-dim bool
+        tensor) masks the update without a host synchronisation: ``False`` leaves the estimates as they were.
         """
         if var is None:
             batch = mean
             mean, var = batch.mean(0), batch.var(0, unbiased=False)
-        if int(self.num_updates) == 0:
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var)
-        else:
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var, self.momentum)
-        self.num_updates += 1
+        weight = torch.where(self.num_updates == 0, 1.0, self.momentum).to(self.running_mean.dtype)
+        if keep is not None:
+            weight = weight * keep.to(weight.dtype)
+            mean, var = torch.nan_to_num(mean), torch.nan_to_num(var)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), weight)
+        self.running_var.lerp_(var.to(self.running_var.dtype), weight)
+        self.num_updates += 1 if keep is None else keep.long()
+
+    @torch.no_grad()
+    def set_statistics(self, features: torch.Tensor) -> None:
+        """Standardise with the moments of ``features`` alone (a fit on a fixed sample, as scikit-learn's
+        ``StandardScaler``: population variance)."""
+        self.running_mean.copy_(features.mean(0))
+        self.running_var.copy_(features.var(0, unbiased=False))
+        self.num_updates.fill_(1)
 
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.running_mean) / torch.sqrt(self.running_var + 1e-5)
