@@ -49,7 +49,7 @@ def test_fit_through_lightning_cli_with_the_example_config(tmp_path):
 
 @pytest.mark.parametrize(
     "callback, value",
-    [("LinearProbeMonitor", {"refit": "sgd"}), ("SaliencyMonitor", {"target": "random"})],
+    [("LinearProbeMonitor", {"fit": "sgd"}), ("SaliencyMonitor", {"target": "random"})],
 )
 def test_invalid_literal_rejected_at_parse_time(tmp_path, capsys, callback, value):
     path = short_config(tmp_path, **{callback: value})

@@ -118,11 +118,12 @@ def test_training_itself_resumes_exactly(runs: dict[str, Any]) -> None:
     assert_same_weights(weights_of(whole), weights_of(resumed))
 
 
-def test_probe_weights_and_optimizer_state_are_bitwise_identical(runs: dict[str, Any]) -> None:
+def test_probe_weights_are_bitwise_identical(runs: dict[str, Any]) -> None:
+    # the online mode's Adam state: tests/test_linear_probe_monitor.py::test_resume_continues_bitwise
     whole, resumed = (callbacks[0] for callbacks in runs["callbacks"])
-    assert isinstance(whole, LinearProbeMonitor)
+    assert isinstance(whole, LinearProbeMonitor) and whole.fit == "frozen"
     state_whole, state_resumed = whole.bank.state_dict(), resumed.bank.state_dict()
-    assert state_whole["probes"] and state_whole["optimizer"]["state"], "the probes never trained"
+    assert state_whole["probes"], "the probes never trained"
     _assert_equal_nested(state_whole, state_resumed, "probe bank")
     _assert_equal_nested(whole.history, resumed.history, "probe history")
     assert all(len(curve) == 4 for curve in whole.history["val"].values())
