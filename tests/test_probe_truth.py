@@ -108,14 +108,26 @@ MODELS = {
 }
 
 
-def fit_with_reference(model_fn, epochs: int = EPOCHS) -> tuple[LinearProbeMonitor, OfflineReference]:
+class FitIterations(Callback):
+    """Hands the iterations of each frozen fit (``monitor.fit_iterations``) to ``on_fit`` (for the benchmark)."""
+
+    def __init__(self, monitor: LinearProbeMonitor, on_fit) -> None:  # type: ignore[no-untyped-def]
+        self.monitor, self.on_fit = monitor, on_fit
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_fit(list(self.monitor.fit_iterations.values()))
+
+
+def fit_with_reference(model_fn, epochs: int = EPOCHS, on_fit=None, **options):  # type: ignore[no-untyped-def]
+    """Fit ``model_fn()`` on digits with a LinearProbeMonitor (``options``) and the offline reference."""
     L.seed_everything(0, verbose=False)
     dm = DigitsDataModule()
-    monitor = LinearProbeMonitor()
+    monitor = LinearProbeMonitor(**options)
     reference = OfflineReference(monitor, dm)
+    extra = [FitIterations(monitor, on_fit)] if on_fit is not None else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quiet_trainer([monitor, reference], max_epochs=epochs).fit(model_fn(), datamodule=dm)
+        quiet_trainer([monitor, reference, *extra], max_epochs=epochs).fit(model_fn(), datamodule=dm)
     return monitor, reference
 
 

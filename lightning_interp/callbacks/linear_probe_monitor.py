@@ -63,6 +63,9 @@ class LinearProbeMonitor(InterpCallback):
     layer), the image ``probe/acc_vs_depth`` (rows = epochs, columns = layers, colour = validation accuracy) and the
     text ``probe/layers`` (the resolved layers, and those that produced nothing on the first training batch).
 
+    ``monitor.history`` holds every reading (``{"train": {layer: [...]}, "val": {layer: [...]}}``) and
+    ``monitor.fit_iterations`` the L-BFGS iterations of each layer's last frozen fit.
+
     Self-supervised training (no classification head, labels not the model's targets): pass ``num_classes``, the
     labels' location (``target_key``, ``targets_fn``) and, for batches of several augmented views, ``view``; or a
     labelled ``probe_dataloader`` (and ``probe_val_dataloader``) when the training batches carry no labels.
@@ -169,6 +172,7 @@ class LinearProbeMonitor(InterpCallback):
         self.history: dict[str, dict[str, list[float]]] = {"train": {}, "val": {}}
         self.resolved_layers: list[Layer] = []
         self.not_fired: list[str] = []
+        self.fit_iterations: dict[str, int] = {}
         self.bank: ProbeBank | None = None
         self._capture: ActivationCapture | None = None
         self._counters: dict[str, dict[str, AccuracyCounter]] = {"train": {}, "val": {}}
@@ -528,7 +532,7 @@ class LinearProbeMonitor(InterpCallback):
                 if int(keep.sum()) == 0:
                     continue
                 x, y = x[keep].clone(), targets[keep].clone()
-                self.bank.fit(name, x, y, c=self.c, max_iter=self.max_iter, tol=self.tol)
+                self.fit_iterations[name] = self.bank.fit(name, x, y, c=self.c, max_iter=self.max_iter, tol=self.tol)
                 predicted, finite = self.bank.predict({name: x})[name]
                 self._counter("train", name).update(predicted, y, finite)
 
