@@ -78,7 +78,13 @@ def training_loader(trainer: Any) -> Any:
 
 
 def sample_batches(
-    loader: Any, max_examples: int | None, seed: int = 0, batch_size: int = 256, rank: int = 0, world_size: int = 1
+    loader: Any,
+    max_examples: int | None,
+    seed: int = 0,
+    batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_adapter: BatchAdapter | None = None,
 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """Batches of a fixed sample of a loader's data, with the dataset positions of their examples.
 
@@ -86,7 +92,8 @@ def sample_batches(
     time and collated with the loader's ``collate_fn``: no sampler, no shuffling, no workers. The sample is the
     whole dataset, or ``max_examples`` positions drawn once from ``seed`` (the same at every call); under DDP each
     rank takes every ``world_size``-th of them from ``rank`` on. Other data is read in its loader's own order until
-    ``max_examples``. The global RNGs are left as they were (:func:`preserved_rng`).
+    ``max_examples`` (its batches sized through ``batch_adapter`` when given). The global RNGs are left as they were
+    (:func:`preserved_rng`); close the generator (``contextlib.closing``) when a pass may stop early.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -110,7 +117,7 @@ def sample_batches(
             return
         seen = 0
         for batch in loader:
-            size = len(unpack_batch(batch, require_targets=False)) if not isinstance(batch, torch.Tensor) else len(batch)
+            size = len(batch) if isinstance(batch, torch.Tensor) else len(unpack_batch(batch, batch_adapter, False))
             yield batch, torch.arange(seen, seen + size)
             seen += size
             if max_examples is not None and seen >= max_examples:

@@ -88,11 +88,26 @@ class _NoLinear(ClassifierModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten())
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_accuracy = MulticlassAccuracy(10, average="micro")
 
 
-def test_model_without_linear_fails_clearly():
-    with pytest.raises(LightningInterpError, match="no nn.Linear|has none"):
-        quiet_trainer([_monitor()], max_epochs=1, limit_train_batches=1).fit(_NoLinear(), DigitsDataModule())
+def test_model_without_linear_warns_names_layer_and_stays_idle():
+    """A default-configured monitor never stops a fit: one warning naming `layer=`, no hook, no dump."""
+    monitor, model, seen = _monitor(), _NoLinear(), []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(count_hooks(pl_module))
+
+    with pytest.warns(UserWarning, match="no nn.Linear.*`layer=`") as caught:
+        trainer = quiet_trainer([monitor, Count()], max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+        trainer.fit(model, DigitsDataModule())
+    assert sum("RepresenterMonitor" in str(w.message) for w in caught) == 1
+    assert trainer.current_epoch == 2 and monitor.dumps == 0 and monitor.idle is not None
+    assert seen and set(seen) == {0} and count_hooks(model) == 0
+    assert "representer/stationarity" not in trainer.callback_metrics
 
 
 def test_layer_not_linear_fails_clearly():
@@ -214,11 +229,32 @@ class _HeadTwice(DigitsCNN):
         return self.net.fc2(features) + 0 * self.net.fc2(features)
 
 
-def test_bad_runtime_features_warn_and_training_continues():
+def test_head_run_twice_warns_once_names_layer_and_goes_idle():
+    monitor = _monitor()
+    with pytest.warns(UserWarning, match="ran 2 times.*`layer=`"):
+        model, trainer = fit(
+            [monitor], model_fn=_HeadTwice, max_epochs=3, limit_train_batches=2, limit_val_batches=1
+        )
+    # found at the first dump (NaN logged there, every rank alike), then idle: no further attempt, hooks gone
+    assert trainer.current_epoch == 3 and monitor.problems.counts["head_input"] == 1 and monitor.dumps == 0
+    assert not monitor.problems.counts.get("dump_failed") and monitor.idle and len(monitor.hooks) == 0
+    assert torch.isnan(trainer.callback_metrics["representer/stationarity"])
+
+
+class _RaisingInDumps(DigitsCNN):
+    """Its forward raises in eval mode (the monitor's passes) only: a failing dump, not a property of the head."""
+
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("eval forward failed")
+        return super().forward(x)
+
+
+def test_failing_dumps_are_counted_each_time_and_training_continues():
     monitor = _monitor()
     with pytest.warns(UserWarning, match="representer dump failed"):
-        _, trainer = fit(
-            [monitor], model_fn=_HeadTwice, max_epochs=2, limit_train_batches=2, limit_val_batches=1
-        )
+        _, trainer = fit([monitor], model_fn=_RaisingInDumps, max_epochs=2, limit_train_batches=2,
+                         limit_val_batches=0)  # fmt: skip
     assert trainer.current_epoch == 2 and monitor.problems.counts["dump_failed"] == 2 and monitor.dumps == 0
+    assert monitor.idle is None
     assert torch.isnan(trainer.callback_metrics["representer/stationarity"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,16 @@ from lightning_interp._distributed import all_gather_rows, all_reduce_, world_si
 from lightning_interp._validation import check_optional_positive_int, check_positive_float, check_positive_int
 from lightning_interp.attribution.representer import fit_representer, suspect_labels
 from lightning_interp.attribution.similarity import nearest_examples, sparse_examples
-from lightning_interp.batches import BatchAdapter, split_batch
+from lightning_interp.batches import BatchAdapter, ModelBatch, call_model, logits_of, unpack_batch
 from lightning_interp.callbacks._base import PeriodicDumpCallback
 from lightning_interp.errors import LightningInterpError
-from lightning_interp.examples import example_source, first_loader, select_examples
+from lightning_interp.examples import (
+    example_source,
+    preserved_rng,
+    sample_batches,
+    select_example_batch,
+    training_loader,
+)
 from lightning_interp.layers import last_linear, named_submodules
 from lightning_interp.render import tile, to_rgb, upscale
 from lightning_interp.saliency_render import text_image
@@ -38,10 +45,23 @@ class RepresenterMonitor(PeriodicDumpCallback):
 
     Every ``every_n_epochs`` epochs and at the end of fit, in eval mode and without gradients: the inputs of the
     final ``nn.Linear`` (``layer``) are captured for the training set through the monitor's own non-shuffled pass
-    over the training dataset (a fixed subset of ``max_train_examples`` if set; under DDP each rank takes a shard
-    and the features are gathered), the head is refit exactly by
-    :func:`~lightning_interp.attribution.fit_representer` to its own softmax outputs, and the fixed validation
-    examples (:func:`~lightning_interp.examples.select_examples`, as SaliencyMonitor) are explained.
+    over the training dataset (:func:`~lightning_interp.examples.sample_batches`: the dataset in index order, or a
+    fixed subset of ``max_train_examples``; under DDP each rank takes a shard and the features are gathered), the
+    head is refit exactly by :func:`~lightning_interp.attribution.fit_representer` to its own softmax outputs, and
+    the fixed validation examples (:func:`~lightning_interp.examples.select_example_batch`, as SaliencyMonitor)
+    are explained. Batches are read as the model sees them (tuples, or dicts with Hugging Face keys) and the model
+    is called the way its ``forward`` takes them (:func:`~lightning_interp.batches.call_model`: ``attention_mask``,
+    ``token_type_ids`` passed along).
+
+    The features: the head's input when it is one vector per example (``(B, D)``: a pooled output, a CLS token, as
+    in ``BertForSequenceClassification`` and ``ViTForImageClassification``). A head applied to every position,
+    ``(B, T, D) -> (B, T, C)``, of which the model returns one position per example
+    (``GPT2ForSequenceClassification``'s ``score`` at the last non-pad token): per example, the position whose head
+    output equals the logits the model returned for it, value for value (the model's own choice read back, whatever
+    the padding side), and that position's input. When the head's input cannot be made one vector per example (no
+    position matches: the model pools the logits; per-token logits; a head that runs twice or never), or the model
+    has no ``nn.Linear`` at all, the monitor warns once, naming ``layer=``, and stays idle for the fit (``idle``
+    says why); an explicit ``layer=`` that names no ``nn.Linear`` fails at ``setup``.
 
     Logged through ``LightningModule.log`` (any logger, every rank): ``representer/stationarity`` (max |grad| of the
     refit), ``representer/decomposition_residual`` (relative error of ``z = sum_i alpha_i (f_i . f + 1)``),
@@ -50,7 +70,8 @@ class RepresenterMonitor(PeriodicDumpCallback):
 
     With a TensorBoardLogger (rank 0): histogram ``representer/alpha``; image ``representer/examples`` (per row a
     validation example, then its top proponents and opponents, captioned with label and value) or, for non-image
-    inputs, text ``representer/examples``; text ``representer/suspects`` (training labels ranked by
+    inputs, text ``representer/examples`` (the same as a table; for token inputs with the first real token ids of
+    each example); text ``representer/suspects`` (training labels ranked by
     :func:`~lightning_interp.attribution.suspect_labels`, with the model's loss beside) and
     ``representer/sparse`` (validation examples with the lowest mean cosine similarity to their nearest training
     examples). ``representer_epoch<N>.pt`` (alpha, dataset indices, labels, suspect ranking, top-k) is saved into
@@ -119,12 +140,15 @@ class RepresenterMonitor(PeriodicDumpCallback):
         self.batch_adapter = batch_adapter
         self.seed = seed
         self.head: nn.Linear | None = None
+        #: why the monitor stopped for this fit (no final linear layer, head input not per example), else None
+        self.idle: str | None = None
         self.last: dict[str, Any] = {}
         self.dumps = 0
-        self._captured: list[torch.Tensor] = []
+        self._head_name = ""
+        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._capturing = False
-        self._examples: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._pool: torch.Tensor | None = None
+        self._examples: ModelBatch | None = None
+        self._pool: ModelBatch | None = None
         self._pool_index: torch.Tensor | None = None
         self._last_dump_step = -1
         self._epoch = 0
@@ -139,14 +163,17 @@ class RepresenterMonitor(PeriodicDumpCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._refuse_sharded(trainer, "its refit reads the whole last linear layer outside the model's forward")
+        self.idle = None
+        self.head = None
         if self.layer is None:
             found = last_linear(pl_module)
             if found is None:
-                raise LightningInterpError(
-                    "RepresenterMonitor explains the final nn.Linear layer, but the model has none. Pass `layer=` "
-                    "naming the model's final linear layer, or leave RepresenterMonitor out for this model."
-                )
-            self.head = found.module  # type: ignore[assignment]
+                # a default-configured monitor never stops a fit: say what to pass and stay idle
+                self._go_idle("no_head", "the model has no nn.Linear layer, so there is no final linear layer to "
+                              "refit; pass `layer=` naming the model's final nn.Linear, or leave RepresenterMonitor "
+                              "out for this model")  # fmt: skip
+                return
+            self.head, self._head_name = found.module, found.name  # type: ignore[assignment]
             return
         modules = dict(named_submodules(pl_module))
         if self.layer not in modules:
@@ -159,51 +186,61 @@ class RepresenterMonitor(PeriodicDumpCallback):
                 f"Expected argument `layer` to name an nn.Linear (the final classification layer), but "
                 f"{self.layer!r} is {type(modules[self.layer]).__name__}."
             )
-        self.head = modules[self.layer]  # type: ignore[assignment]
+        self.head, self._head_name = modules[self.layer], self.layer  # type: ignore[assignment]
+
+    def _go_idle(self, kind: str, reason: str) -> None:
+        """Stop for the rest of this fit (hooks removed), warning once why and which argument to pass."""
+        self.idle = reason
+        self.hooks.remove()
+        self.problems.report(kind, f"{reason}. RepresenterMonitor stays idle for the rest of this fit")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._examples = self._pool = self._pool_index = None
+        if self.idle is not None or self.head is None:
+            return
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self.hooks.forward(self.head, self._hook)
         source, _ = example_source(trainer, fall_back_to_training=False)
-        self._examples = self._pool = None
-        if source is not None:
-            inputs, targets, _ = select_examples(source, self.num_examples, self.seed, self.batch_adapter)
-            self._examples = (inputs, targets)
-            self._pool, _, self._pool_index = select_examples(
-                source, self.sparse_pool, self.seed, self.batch_adapter
-            )
-        else:
+        if source is None:
             self.problems.report("no_val_data", "no validation data; only suspect labels and alpha are shown")
+            return
+        try:
+            self._examples, _ = select_example_batch(source, self.num_examples, self.seed, self.batch_adapter)
+            self._pool, self._pool_index = select_example_batch(source, self.sparse_pool, self.seed,
+                                                                self.batch_adapter)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - unreadable validation data must not stop the fit
+            self._examples = self._pool = self._pool_index = None
+            self.problems.report("no_val_data", f"the validation examples could not be read ({type(err).__name__}: "
+                                 f"{err}); only suspect labels and alpha are shown")  # fmt: skip
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._capturing and args and isinstance(args[0], torch.Tensor):
-            self._captured.append(args[0].detach())
+        if self._capturing and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            self._captured.append((args[0].detach(), output.detach()))
 
     # ---- when ----------------------------------------------------------------------------------------------------
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch = trainer.current_epoch  # at on_train_end the Trainer has already counted one epoch more
 
-    # ---- the dump ------------------------------------------------------------------------------------------------
-    def _features(self, pl_module: LightningModule, inputs: torch.Tensor) -> torch.Tensor:
+    # ---- the features --------------------------------------------------------------------------------------------
+    def _batch_features(self, pl_module: LightningModule, batch: ModelBatch) -> torch.Tensor:
+        """``(B, D)`` features of one batch: the head's input, one row per example (see :func:`_head_features`)."""
         self._captured = []
         self._capturing = True
         try:
-            pl_module(inputs.to(pl_module.device))
+            output = call_model(pl_module, batch)
         finally:
             self._capturing = False
-        if (
-            len(self._captured) != 1
-            or self._captured[0].dim() != 2
-            or self._captured[0].shape[0] != inputs.shape[0]
-        ):
-            shapes = [tuple(t.shape) for t in self._captured]
-            raise LightningInterpError(
-                f"the head received inputs of shapes {shapes} for a batch of {inputs.shape[0]}"
+        calls, self._captured = self._captured, []
+        if len(calls) != 1:
+            raise _HeadInputError(
+                f"the head `{self._head_name}` ran {len(calls)} times in one forward of the model (expected once"
+                f"{': it is not called as a module' if not calls else ''})"
             )
-        return self._captured.pop().float()
+        head_input, head_output = calls[0]
+        return _head_features(head_input, head_output, logits_of(output), len(batch)).float()
 
     def _train_pass(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, ...]:
         """Features, labels and dataset indices of the training set, every rank's share gathered (index order)."""
@@ -215,9 +252,13 @@ class RepresenterMonitor(PeriodicDumpCallback):
             error = err
         if world_size() > 1:
             # every rank learns whether all shares are there before any gather: a rank that failed alone must not
-            # leave the others waiting in a collective
-            ok = all_reduce_(torch.tensor([0.0 if error else 1.0], device=pl_module.device), "min")
-            if error is None and float(ok) < 1:
+            # leave the others waiting in a collective. 2 = the head's input is not per-example (every rank goes
+            # idle), 1 = this dump failed.
+            code = 2.0 if isinstance(error, _HeadInputError) else 1.0 if error is not None else 0.0
+            worst = float(all_reduce_(torch.tensor([code], device=pl_module.device), "max"))
+            if worst == 2 and not isinstance(error, _HeadInputError):
+                error = _HeadInputError("another process found that the head's input is not one vector per example")
+            elif worst == 1 and error is None:
                 error = LightningInterpError("another process failed its share of the training-set pass")
         if error is not None or local is None:
             raise error or LightningInterpError("no training features")
@@ -227,74 +268,83 @@ class RepresenterMonitor(PeriodicDumpCallback):
         return f[order].cpu(), y[order].cpu(), i[order].cpu()
 
     def _local_train_pass(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, ...]:
-        """This rank's share of the training set: features, labels, dataset indices."""
-        loader = first_loader(trainer.train_dataloader)
-        if loader is None and trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
-        dataset = loader.dataset if isinstance(loader, DataLoader) else None
-        feats, labels, index = [], [], []
-        if dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
-            # our own pass over the dataset in index order: no sampler, no shuffling, no RNG, no workers
-            n = len(dataset)
-            chosen = torch.arange(n)
-            if self.max_train_examples is not None and self.max_train_examples < n:
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-                chosen = perm[: self.max_train_examples].sort().values
-            rank, size = trainer.global_rank, world_size()
-            chosen = chosen[rank::size]
-            collate = loader.collate_fn or default_collate
-            for start in range(0, len(chosen), self.batch_size):
-                ids = chosen[start : start + self.batch_size]
-                x, y = split_batch(
-                    collate([dataset[int(i)] for i in ids]), self.batch_adapter, require_targets=False
-                )
-                feats.append(self._features(pl_module, x))
-                labels.append(y if y is not None else torch.full((len(ids),), -1))
-                index.append(ids)
-        else:
+        """This rank's share of the training set (:func:`~lightning_interp.examples.sample_batches`: the dataset in
+        index order, or a fixed subset of ``max_train_examples``): features, labels, dataset indices."""
+        loader = training_loader(trainer)
+        if loader is None:
+            raise LightningInterpError("the Trainer has no training data")
+        dataset = loader.dataset if isinstance(loader, DataLoader) else loader
+        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             self.problems.report("iterable_train", "the training data is not a map-style dataset; its loader's own "
                                  "order is used (a shuffling loader makes indices differ between dumps)")  # fmt: skip
-            seen = 0
-            for x, y in (split_batch(b, self.batch_adapter, require_targets=False) for b in loader):
-                feats.append(self._features(pl_module, x))
-                labels.append(y if y is not None else torch.full((x.shape[0],), -1))
-                index.append(torch.arange(seen, seen + x.shape[0]))
-                seen += x.shape[0]
-                if self.max_train_examples is not None and seen >= self.max_train_examples:
-                    break
+        device = pl_module.device
+        feats, labels, index = [], [], []
+        batches = sample_batches(loader, self.max_train_examples, self.seed, self.batch_size, trainer.global_rank,
+                                 world_size(), batch_adapter=self.batch_adapter)  # fmt: skip
+        with closing(batches):  # a pass that raises still closes the generator (and its RNG guard) here
+            for raw, ids in batches:
+                batch = unpack_batch(raw, self.batch_adapter, require_targets=False).to(device)
+                feats.append(self._batch_features(pl_module, batch))
+                labels.append(_class_labels(batch).to(device))
+                index.append(ids.to(device))
         if not feats:
             raise LightningInterpError("this process's share of the training set is empty")
-        return torch.cat(feats), torch.cat(labels).long().reshape(-1), torch.cat(index)
+        return torch.cat(feats), torch.cat(labels), torch.cat(index)
 
+    def _example_features(self, pl_module: LightningModule, batch: ModelBatch) -> torch.Tensor:
+        """Features of validation examples, ``batch_size`` at a time, on the CPU."""
+        parts = []
+        for start in range(0, len(batch), self.batch_size):
+            part = batch.rows(slice(start, start + self.batch_size)).to(pl_module.device)
+            try:
+                parts.append(self._batch_features(pl_module, part).cpu())
+            except _HeadInputError as err:  # only the training pass's (agreed) verdict makes the monitor idle
+                raise LightningInterpError(str(err)) from err
+        return torch.cat(parts)
+
+    # ---- the dump ------------------------------------------------------------------------------------------------
     def _dump(self, trainer: Trainer, pl_module: LightningModule, log_scalars: bool) -> None:
         self._last_dump_step = trainer.global_step
+        if self.idle is not None or self.head is None:
+            return
         started = time.perf_counter()
         modes = [(module, module.training) for module in pl_module.modules()]
         result: dict[str, Any] | None = None
-        try:
-            pl_module.eval()
-            with torch.no_grad():
-                result = self._compute(trainer, pl_module)
-        except Exception as err:  # noqa: BLE001 - a failing dump must never stop training
-            self.problems.report(
-                "dump_failed", f"a representer dump failed and was skipped ({type(err).__name__}: {err})"
-            )
-        finally:
-            for module, mode in modes:
-                module.training = mode
-            self._captured = []
-        seconds = time.perf_counter() - started
-        if log_scalars:  # every rank makes the same calls, NaN when the dump failed
-            for name in ("stationarity", "decomposition_residual", "agreement"):
-                value = float(result[name]) if result else float("nan")
-                pl_module.log(f"representer/{name}", value, on_step=False, on_epoch=True)
-            pl_module.log("representer/dump_seconds", seconds, on_step=False, on_epoch=True, sync_dist=True)
-        if result is None:
-            return
-        self.dumps += 1
-        self.last = result
-        if trainer.is_global_zero:
-            self._write(trainer, result)
+        # the global RNGs come back as they were: a dataset's __getitem__ may draw augmentations from them
+        with preserved_rng():
+            try:
+                pl_module.eval()
+                with torch.no_grad():
+                    result = self._compute(trainer, pl_module)
+            except _HeadInputError as err:  # agreed by every rank: the same on all of them from now on
+                self._go_idle("head_input", f"{err}; representer points need one feature vector per example at "
+                              "the input of the final linear layer. Pass `layer=` naming the nn.Linear whose input "
+                              "is one vector per example (or that gives the returned logits at one position per "
+                              "example)")  # fmt: skip
+            except Exception as err:  # noqa: BLE001 - a failing dump must never stop training
+                self.problems.report(
+                    "dump_failed", f"a representer dump failed and was skipped ({type(err).__name__}: {err})"
+                )
+            finally:
+                for module, mode in modes:
+                    module.training = mode
+                self._captured = []
+            seconds = time.perf_counter() - started
+            if log_scalars:  # every rank makes the same calls, NaN when the dump failed
+                for name in ("stationarity", "decomposition_residual", "agreement"):
+                    value = float(result[name]) if result else float("nan")
+                    pl_module.log(f"representer/{name}", value, on_step=False, on_epoch=True)
+                pl_module.log("representer/dump_seconds", seconds, on_step=False, on_epoch=True, sync_dist=True)
+            if result is None:
+                return
+            self.dumps += 1
+            self.last = result
+            if trainer.is_global_zero:
+                try:
+                    self._write(trainer, result)
+                except Exception as err:  # noqa: BLE001 - an artifact that cannot be drawn must not stop training
+                    self.problems.report("write_failed", f"representer artifacts could not be written "
+                                         f"({type(err).__name__}: {err})")  # fmt: skip
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         feats, labels, index = self._train_pass(trainer, pl_module)
@@ -317,11 +367,11 @@ class RepresenterMonitor(PeriodicDumpCallback):
             result["suspects"] = {"indices": index[ranking.indices], "rows": ranking.indices, "scores": ranking.scores,
                                   "model_loss": -probs[ranking.indices, labels[ranking.indices]].log()}  # fmt: skip
         if self._examples is not None:
-            x, y = self._examples
-            val_feats = self._features(pl_module, x).cpu()
+            val_feats = self._example_features(pl_module, self._examples)
             top = fit.top_k(val_feats, self.k)
-            result["examples"] = {"predicted": fit.logits(val_feats).argmax(1), "targets": y, **top._asdict()}
-            pool = torch.cat([self._features(pl_module, p).cpu() for p in self._pool.split(self.batch_size)])
+            result["examples"] = {"predicted": fit.logits(val_feats).argmax(1), "targets": self._examples.targets,
+                                  **top._asdict()}  # fmt: skip
+            pool = self._example_features(pl_module, self._pool)
             sparse = sparse_examples(pool, feats, k=3, num=min(self.num_examples, len(pool)))
             near = nearest_examples(pool[sparse.indices], feats, k=self.k)
             result["sparse"] = {"val_indices": self._pool_index[sparse.indices], "scores": sparse.scores,
@@ -352,13 +402,12 @@ class RepresenterMonitor(PeriodicDumpCallback):
             )
         examples = result.get("examples")
         if examples is not None:
-            dataset = self._train_dataset(trainer)
-            images = self._examples[0]
-            if _is_image(images) and dataset is not None:
-                writer.add_image("representer/examples", self._grid(images, examples, result, dataset), step,
+            shown = self._examples
+            if _is_image(shown.inputs) and self._train_example(trainer, 0) is not None:
+                writer.add_image("representer/examples", self._grid(trainer, examples, result), step,
                                  dataformats="HWC")  # fmt: skip
             else:
-                writer.add_text("representer/examples", self._table(examples, result), step)
+                writer.add_text("representer/examples", self._table(trainer, examples, result), step)
             sparse = result["sparse"]
             lines = [f"| {r + 1} | {int(sparse['val_indices'][r])} | {float(sparse['scores'][r]):.3f} | "
                      f"{', '.join(str(int(result['indices'][j])) for j in sparse['neighbors'][r])} |"
@@ -367,10 +416,20 @@ class RepresenterMonitor(PeriodicDumpCallback):
                             "indices |\n|---|---|---|---|\n" + "\n".join(lines), step)  # fmt: skip
         writer.flush()
 
-    def _train_dataset(self, trainer: Trainer) -> Any:
-        loader = first_loader(trainer.train_dataloader)
-        dataset = loader.dataset if isinstance(loader, DataLoader) else None
-        return None if dataset is None or isinstance(dataset, IterableDataset) else dataset
+    def _train_example(self, trainer: Trainer, dataset_index: int) -> ModelBatch | None:
+        """One training example as a batch of one (collated by the training loader's ``collate_fn``), or ``None``
+        when the training data cannot be indexed."""
+        loader = training_loader(trainer)
+        dataset = loader.dataset if isinstance(loader, DataLoader) else loader
+        if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+            return None
+        try:
+            if not 0 <= dataset_index < len(dataset):
+                return None
+        except TypeError:
+            return None
+        collate = (loader.collate_fn if isinstance(loader, DataLoader) else None) or default_collate
+        return unpack_batch(collate([dataset[dataset_index]]), self.batch_adapter, require_targets=False)
 
     def _cell(self, image: torch.Tensor, caption: str, factor: int) -> np.ndarray:
         picture = upscale(to_rgb(image), factor)
@@ -380,33 +439,50 @@ class RepresenterMonitor(PeriodicDumpCallback):
         canvas[picture.shape[0] + 2 : picture.shape[0] + 7, : text.shape[1]] = text
         return canvas
 
-    def _grid(
-        self, images: torch.Tensor, examples: dict[str, Any], result: dict[str, Any], dataset: Any
-    ) -> np.ndarray:
+    def _grid(self, trainer: Trainer, examples: dict[str, Any], result: dict[str, Any]) -> np.ndarray:
+        images = self._examples.inputs.float()
         factor = max(1, 48 // max(images.shape[2], images.shape[3]))
         rows = []
         for e in range(images.shape[0]):
-            target = "" if examples["targets"] is None else f"Y{int(examples['targets'][e])} "
+            target = "" if examples["targets"] is None else f"Y{_label(examples['targets'], e)} "
             row = [self._cell(images[e], f"{target}P{int(examples['predicted'][e])}", factor)]
             for kind, sign in (("proponent", "+"), ("opponent", "")):
                 for j, value in zip(examples[f"{kind}_indices"][e], examples[f"{kind}_values"][e]):
-                    x, _ = split_batch(default_collate([dataset[int(result["indices"][j])]]), self.batch_adapter,
-                                       require_targets=False)  # fmt: skip
-                    row.append(
-                        self._cell(x[0], f"Y{int(result['labels'][j])} {sign}{float(value):.2g}", factor)
-                    )
+                    item = self._train_example(trainer, int(result["indices"][j]))
+                    if item is None:
+                        continue
+                    row.append(self._cell(item.inputs[0].float(), f"Y{int(result['labels'][j])} {sign}"
+                                          f"{float(value):.2g}", factor))  # fmt: skip
             rows.append(row)
         return tile(rows, pad=3)
 
-    def _table(self, examples: dict[str, Any], result: dict[str, Any]) -> str:
+    def _table(self, trainer: Trainer, examples: dict[str, Any], result: dict[str, Any]) -> str:
+        """Markdown: per validation example its label, prediction, proponents and opponents (training index, label,
+        representer value); for token inputs also the first real tokens of each (ids where the mask is 1)."""
+        shown = self._examples
+        tokens = not shown.inputs.is_floating_point() and shown.inputs.dim() == 2
+
+        def described(j: torch.Tensor, value: torch.Tensor) -> str:
+            text = f"{int(result['indices'][j])} (y={int(result['labels'][j])}, {float(value):+.3g})"
+            if tokens:
+                item = self._train_example(trainer, int(result["indices"][j]))
+                if item is not None and item.inputs.dim() == 2:
+                    text += " " + _token_text(item.inputs[0], item.attention_mask, 0, short=True)
+            return text
+
         lines = []
         for e in range(len(examples["predicted"])):
-            cells = [f"{int(result['indices'][j])} (y={int(result['labels'][j])}, {float(v):+.3g})"
-                     for kind in ("proponent", "opponent")
-                     for j, v in zip(examples[f"{kind}_indices"][e], examples[f"{kind}_values"][e])]  # fmt: skip
-            lines.append(f"| {e} | {int(examples['predicted'][e])} | " + ", ".join(cells[: self.k]) + " | "
-                         + ", ".join(cells[self.k :]) + " |")  # fmt: skip
-        return "| example | predicted | proponents | opponents |\n|---|---|---|---|\n" + "\n".join(lines)
+            label = "-" if examples["targets"] is None else _label(examples["targets"], e)
+            cells = [f"| {e} | {label} | {int(examples['predicted'][e])} |"]
+            if tokens:
+                cells.append(f" {_token_text(shown.inputs[e], shown.attention_mask, e)} |")
+            for kind in ("proponent", "opponent"):
+                pairs = zip(examples[f"{kind}_indices"][e], examples[f"{kind}_values"][e])
+                cells.append(" " + "; ".join(described(j, v) for j, v in pairs) + " |")
+            lines.append("".join(cells))
+        header = "| example | label | predicted |" + (" tokens |" if tokens else "") + " proponents | opponents |\n"
+        rule = "|---|---|---|" + ("---|" if tokens else "") + "---|---|\n"
+        return header + rule + "\n".join(lines)
 
     # ---- state ---------------------------------------------------------------------------------------------------
     @override
@@ -418,5 +494,84 @@ class RepresenterMonitor(PeriodicDumpCallback):
         self.dumps = int(state["dumps"])
 
 
+class _HeadInputError(LightningInterpError):
+    """The head's input cannot be made one feature vector per example (a property of the model, not of a batch)."""
+
+
+def _head_features(
+    head_input: torch.Tensor, head_output: torch.Tensor, logits: torch.Tensor | None, batch_size: int
+) -> torch.Tensor:
+    """One feature vector per example from one call of the final linear layer.
+
+    A head applied to ``(B, D)`` (a pooled output, a CLS token) gives its input. A head applied to every position,
+    ``(B, T, D) -> (B, T, C)`` (``GPT2ForSequenceClassification``'s ``score``; any ``(B, ..., D)``), of which the
+    model returns one position per example: for each example, the position whose head output equals the model's
+    returned logits for that example, value for value, and that position's input. It is the model's own choice
+    read back, whatever the padding side or the rule (the last non-pad token, a CLS token); when several positions
+    match exactly, the last one.
+
+    Raises:
+        LightningInterpError: the input is not per-example (a subclass, ``_HeadInputError``), or the logits are
+            non-finite.
+
+    Example:
+        >>> head = nn.Linear(3, 2)
+        >>> x = torch.randn(2, 4, 3)  # two sequences of four positions
+        >>> logits = head(x)[torch.arange(2), torch.tensor([1, 3])]  # the model picks position 1, then 3
+        >>> torch.equal(_head_features(x, head(x), logits, 2), x[torch.arange(2), torch.tensor([1, 3])])
+        True
+    """
+    if head_input.dim() < 2 or head_input.shape[0] != batch_size:
+        raise _HeadInputError(
+            f"the head received an input of shape {tuple(head_input.shape)} for a batch of {batch_size} examples"
+        )
+    if head_input.dim() == 2:
+        return head_input
+    width, classes = head_input.shape[-1], head_output.shape[-1]
+    inputs = head_input.reshape(batch_size, -1, width)
+    outputs = head_output.reshape(batch_size, -1, classes)
+    if logits is None or tuple(logits.shape) != (batch_size, classes):
+        shape = None if logits is None else tuple(logits.shape)
+        raise _HeadInputError(
+            f"the head is applied to every position (input {tuple(head_input.shape)}) and the model returns logits "
+            f"of shape {shape}, not one row of {classes} per example to find the position by"
+        )
+    logits = logits.detach().to(outputs.device)
+    match = (outputs.double() == logits.double().unsqueeze(1)).all(-1)  # (B, positions)
+    found = match.any(1)
+    if not bool(found.all()):
+        if not bool(torch.isfinite(logits[~found]).all()):
+            raise LightningInterpError("the model returned non-finite logits")
+        raise _HeadInputError(
+            f"the head is applied to every position (input {tuple(head_input.shape)}), and for "
+            f"{int((~found).sum())} of {batch_size} examples no position's head output equals the logits the model "
+            "returned (the model combines positions, or changes the head's output)"
+        )
+    position = match.shape[1] - 1 - match.flip(1).to(torch.int8).argmax(1)
+    return inputs[torch.arange(batch_size, device=inputs.device), position]
+
+
+def _class_labels(batch: ModelBatch) -> torch.Tensor:
+    """One class index per example, -1 where the batch has none (no targets, or targets that are not one per
+    example)."""
+    n, targets = len(batch), batch.targets
+    if targets is not None and targets.dim() == 1 and targets.shape[0] == n and not targets.is_complex():
+        return targets.long()
+    return torch.full((n,), -1, dtype=torch.long)
+
+
+def _label(targets: torch.Tensor, row: int) -> str:
+    value = targets[row]
+    return str(int(value)) if value.numel() == 1 else "-"
+
+
+def _token_text(ids: torch.Tensor, mask: torch.Tensor | None, row: int, short: bool = False) -> str:
+    """The first real tokens (where the attention mask is 1) of one sequence, as ids."""
+    real = ids if mask is None or mask.shape[-1] != ids.shape[-1] else ids[mask[row].bool()]
+    limit = 6 if short else 12
+    shown = " ".join(str(int(t)) for t in real[:limit])
+    return f"`{shown}{' …' if len(real) > limit else ''}` ({len(real)} tokens)"
+
+
 def _is_image(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.shape[1] in (1, 3)
+    return x.dim() == 4 and x.shape[1] in (1, 3) and x.is_floating_point()
