@@ -480,7 +480,8 @@ class LinearProbeMonitor(InterpCallback):
         parts: dict[str, list[torch.Tensor]] = {}
         labels: list[torch.Tensor] = []
         device = pl_module.device
-        batches = sample_batches(loader, max_examples, self.seed, self.batch_size, trainer.global_rank, world_size())
+        batches = sample_batches(loader, max_examples, self.seed, self.batch_size, trainer.global_rank, world_size(),
+                                 batch_adapter=self.batch_adapter)
         for raw, _ in batches:
             try:
                 batch = self._unpack(raw).to(device)
