@@ -286,6 +286,9 @@ def test_forward_kwargs_of_the_float_input_functions_follow_each_point_as_captum
                                                     additional_forward_args=(gate,))  # fmt: skip
     ours = smoothgrad(model, x, target, 0.3, n_samples=5, noise=noise, forward_kwargs=kwargs, internal_batch_size=3)
     assert rel_err(ours, theirs) <= TOL
+    with torch.inference_mode():  # extras made in inference mode are usable (cloned)
+        made_there = {"gate": gate.clone()}
+    assert rel_err(saliency(model, x, target, forward_kwargs=made_there), saliency(model, x, target, forward_kwargs=kwargs)) == 0
 
 
 # ---- rendering -----------------------------------------------------------------------------------------------

@@ -319,7 +319,8 @@ def example_rows(
     forward_kwargs: Mapping[str, object] | None, index: torch.Tensor | slice, batch_size: int
 ) -> dict[str, object]:
     """The other arguments of the model for points whose examples are ``index``: every tensor with one row per
-    example (first dimension ``batch_size``) is indexed, everything else is passed as it is.
+    example (first dimension ``batch_size``) is indexed, everything else is passed as it is; tensors made under
+    ``torch.inference_mode()`` are cloned (autograd cannot save them).
 
     Example:
         >>> kwargs = {"attention_mask": torch.tensor([[1, 1], [1, 0]]), "scale": 2.0}
@@ -329,6 +330,8 @@ def example_rows(
     """
     picked: dict[str, object] = {}
     for name, value in (forward_kwargs or {}).items():
+        if isinstance(value, torch.Tensor) and value.is_inference():
+            value = value.clone()
         per_example = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size
         if per_example and not isinstance(index, slice):
             value = value[index.to(value.device)]  # type: ignore[index]
