@@ -13,7 +13,7 @@ import torch
 
 from lightning_interp.render import colorize, tile, to_rgb, upscale
 
-__all__ = ["text_image", "input_kind", "image_grid", "tabular_chart", "sequence_strip", "robust_unit"]
+__all__ = ["text_image", "input_kind", "image_grid", "tabular_chart", "sequence_strip", "token_strip", "robust_unit"]
 
 # A 3x5 pixel font: each glyph is five rows of three pixels ("#" on). Lower-case is drawn as upper-case.
 _GLYPHS = {
@@ -30,7 +30,9 @@ _GLYPHS = {
     "(": ".#. #.. #.. #.. .#.", ")": ".#. ..# ..# ..# .#.", "=": "... ### ... ### ...", "/": "..# ..# .#. #.. #..",
     "_": "... ... ... ... ###", "%": "#.# ..# .#. #.. #.#", "|": ".#. .#. .#. .#. .#.", "?": "### ..# .#. ... .#.",
     "+": "... .#. ### .#. ...", ",": "... ... ... .#. #..", "'": ".#. .#. ... ... ...", "<": "..# .#. #.. .#. ..#",
-    ">": "#.. .#. ..# .#. #..",
+    ">": "#.. .#. ..# .#. #..", "#": "#.# ### #.# ### #.#", "[": "##. #.. #.. #.. ##.", "]": ".## ..# ..# ..# .##",
+    "!": ".#. .#. .#. ... .#.", "*": "#.# .#. #.# ... ...", "&": ".#. #.# .#. #.# .##", "@": "### #.# #.# #.. ###",
+    '"': "#.# #.# ... ... ...", ";": "... .#. ... .#. #..", "$": ".## ##. .#. .## ##.",
 }  # fmt: skip
 _FONT = {
     ch: np.array([[c == "#" for c in row] for row in rows.split()], dtype=bool) for ch, rows in _GLYPHS.items()
@@ -221,3 +223,83 @@ def sequence_strip(
     """
     per_position = attributions.detach().float().cpu().sum(2)
     return tabular_chart(per_position, signed, captions, None, max_width)
+
+
+_TOKEN_CHARS = 12  # longer tokens are cut, so that one long word-piece does not take a whole line
+
+
+def _token_cell(text: str, colour: np.ndarray, scale: int) -> np.ndarray:
+    """A token's text on its colour, in white ink on dark colours and dark ink on light ones."""
+    glyphs = text_image(text, scale, ink=0, paper=255)[..., 0] == 0
+    pad = scale + 1
+    cell = np.empty((glyphs.shape[0] + 2 * pad, glyphs.shape[1] + 2 * pad, 3), dtype=np.uint8)
+    cell[:] = colour
+    luminance = 0.299 * float(colour[0]) + 0.587 * float(colour[1]) + 0.114 * float(colour[2])
+    ink = 255 if luminance < 140 else _INK
+    cell[pad : pad + glyphs.shape[0], pad : pad + glyphs.shape[1]][glyphs] = ink
+    return cell
+
+
+def token_strip(
+    tokens: Sequence[Sequence[str]],
+    attributions: Sequence[torch.Tensor | np.ndarray],
+    signed: bool,
+    captions: Sequence[str | Sequence[str]] | None = None,
+    max_width: int = 900,
+    scale: int = 2,
+) -> np.ndarray:
+    """One block per example: its caption lines, then its tokens in reading order, each a cell coloured by its
+    attribution (scaled per example to its 99th percentile of |score|; signed: blue = negative, white = 0,
+    red = positive; unsigned: dark = 0 to yellow = max), lines wrapped at ``max_width`` pixels. ``tokens[i]`` are
+    the texts of example ``i``'s tokens (ids as strings, or word pieces), ``attributions[i]`` their scores.
+
+    Example:
+        >>> picture = token_strip([["the", "cat", "sat"], ["a", "dog"]],
+        ...                       [torch.tensor([0.1, 2.0, -0.5]), torch.tensor([1.0, 0.0])], signed=True,
+        ...                       captions=[["label 1", "pred 1 (0.90)"], ["label 0", "pred 1 (0.55)"]])
+        >>> picture.shape[2], picture.dtype.name
+        (3, 'uint8')
+    """
+    legend = "blue = negative, red = positive" if signed else "dark = 0, yellow = max |attribution|"
+    blocks = [_text_block([legend], scale)]
+    gap = scale * 2
+    for i, (texts, scores) in enumerate(zip(tokens, attributions)):
+        values = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+        values = values.reshape(-1).astype(np.float64)
+        colours = colorize(robust_unit(values, signed)[None, :], signed=signed, normalize=False)[0]
+        cells = [_token_cell(str(text)[:_TOKEN_CHARS] or " ", colours[j], scale) for j, text in enumerate(texts)]
+        if not cells:
+            cells = [text_image("(no tokens)", scale)]
+        lines: list[list[np.ndarray]] = [[]]
+        used = 0
+        for cell in cells:
+            if lines[-1] and used + cell.shape[1] > max_width:
+                lines.append([])
+                used = 0
+            lines[-1].append(cell)
+            used += cell.shape[1] + scale
+        rows = []
+        for line in lines:
+            height = max(c.shape[0] for c in line)
+            row = np.full((height, sum(c.shape[1] + scale for c in line), 3), _PAPER, dtype=np.uint8)
+            x = 0
+            for cell in line:
+                row[: cell.shape[0], x : x + cell.shape[1]] = cell
+                x += cell.shape[1] + scale
+            rows.append(row)
+        caption = _text_block(_caption_lines(captions[i]) if captions else [f"example {i}"], scale)
+        parts = [caption]
+        for row in rows:
+            parts += [row, np.full((scale, 1, 3), _PAPER, dtype=np.uint8)]
+        width = max(p.shape[1] for p in parts)
+        block = np.concatenate([_pad_to(p, p.shape[0], width) for p in parts])
+        blocks.append(block)
+    width = max(b.shape[1] for b in blocks) + 2 * gap
+    out = []
+    for block in blocks:
+        out.append(np.full((gap, width, 3), _PAPER, dtype=np.uint8))
+        framed = np.full((block.shape[0], width, 3), _PAPER, dtype=np.uint8)
+        framed[:, gap : gap + block.shape[1]] = block
+        out.append(framed)
+        out.append(np.full((1, width, 3), 200, dtype=np.uint8))  # a thin rule between examples
+    return np.concatenate(out[:-1] + [np.full((gap, width, 3), _PAPER, dtype=np.uint8)])

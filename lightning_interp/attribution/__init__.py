@@ -1,5 +1,7 @@
-"""Attribution: which input features (gradient methods) and which training examples explain a prediction."""
+"""Attribution: which input features (gradient methods; per token for token ids) and which training examples explain a
+prediction."""
 
+from lightning_interp.attribution.embeddings import default_baseline_token, embedding_attributions, input_embedding
 from lightning_interp.attribution.gradients import (
     guided_backprop,
     input_x_gradient,
@@ -22,6 +24,9 @@ __all__ = [
     "smoothgrad",
     "integrated_gradients",
     "guided_backprop",
+    "embedding_attributions",
+    "input_embedding",
+    "default_baseline_token",
     "RepresenterFit",
     "RepresenterTopK",
     "SuspectRanking",

@@ -3,12 +3,13 @@ on the model, and chunked evaluation of input gradients at many points (interpol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from lightning_interp.batches import logits_of
 from lightning_interp.errors import LightningInterpError
 
 __all__ = [
@@ -21,10 +22,13 @@ __all__ = [
     "saved_bytes",
     "input_gradients",
     "prepare_inputs",
+    "example_rows",
 ]
 
 Target = int | Sequence[int] | torch.Tensor | None
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[..., object]
+#: evaluates the points ``start:stop`` (a chunk ``x``) and returns what the model returns: ``forward(x, start, stop)``
+PointForward = Callable[[torch.Tensor, int, int], object]
 
 # Points per forward/backward pass when the caller does not choose. The first pass takes a few points and
 # counts the bytes ``b`` the model saves per point for its backward; the rest go in equal passes of about
@@ -87,10 +91,14 @@ def as_target(target: Target, batch_size: int, device: torch.device) -> torch.Te
 
 
 def select_outputs(output: object, target: torch.Tensor | None) -> torch.Tensor:
-    """The model output for each row's target class, shape ``(n,)``."""
+    """The model output for each row's target class, shape ``(n,)``. A Hugging Face ``ModelOutput`` (or a dict,
+    tuple or list) gives its ``logits`` or first tensor (:func:`~lightning_interp.batches.logits_of`)."""
+    if not isinstance(output, torch.Tensor):
+        output = logits_of(output) if output is not None and not isinstance(output, str) else None
     if not isinstance(output, torch.Tensor):
         raise LightningInterpError(
-            f"Expected the model to return a tensor of scores, but it returned {type(output).__name__}; "
+            "Expected the model to return a tensor of scores (or an output holding `logits`), but it returned "
+            f"{type(output).__name__}; "
             "wrap the model in a function that returns the logits tensor."
         )
     if target is None:
@@ -257,9 +265,12 @@ def input_gradients(
     points: Callable[[int, int], torch.Tensor],
     targets: Callable[[int, int], torch.Tensor | None],
     chunk: int | None = None,
+    forward: PointForward | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """For ``total`` points made ``chunk`` at a time by ``points(start, stop)``, yield ``(start, stop, grad)``:
-    the gradient of the sum of the target outputs w.r.t. the points. With ``chunk=None`` the first pass takes
+    the gradient of the sum of the target outputs w.r.t. the points. The model runs as ``model(x)``, or as
+    ``forward(x, start, stop)`` when given (the other arguments a model takes, such as an attention mask, must
+    follow each point's example: see :func:`example_rows`). With ``chunk=None`` the first pass takes
     32 points (all of them when there are at most 48) and measures what the model saves for its backward, and
     the rest go in equal passes of at most :func:`points_per_pass` points. Call inside :func:`gradient_scope`.
 
@@ -278,7 +289,8 @@ def input_gradients(
 
     def gradient(start: int, stop: int) -> torch.Tensor:
         x = points(start, stop).detach().requires_grad_(True)
-        selected = select_outputs(model(x), targets(start, stop))
+        output = model(x) if forward is None else forward(x, start, stop)
+        selected = select_outputs(output, targets(start, stop))
         grad = None
         if selected.requires_grad:  # an output that does not depend on the input has a zero gradient
             (grad,) = torch.autograd.grad(selected.sum(), x, allow_unused=True)
@@ -301,3 +313,29 @@ def input_gradients(
     for start in range(first, total, chunk):
         stop = min(total, start + chunk)
         yield start, stop, gradient(start, stop)
+
+
+def example_rows(
+    forward_kwargs: Mapping[str, object] | None, index: torch.Tensor | slice, batch_size: int
+) -> dict[str, object]:
+    """The other arguments of the model for points whose examples are ``index``: every tensor with one row per
+    example (first dimension ``batch_size``) is indexed, everything else is passed as it is; tensors made under
+    ``torch.inference_mode()`` are cloned (autograd cannot save them).
+
+    Example:
+        >>> kwargs = {"attention_mask": torch.tensor([[1, 1], [1, 0]]), "scale": 2.0}
+        >>> rows = example_rows(kwargs, torch.tensor([1, 1, 0]), batch_size=2)
+        >>> rows["attention_mask"].tolist(), rows["scale"]
+        ([[1, 0], [1, 0], [1, 1]], 2.0)
+    """
+    picked: dict[str, object] = {}
+    for name, value in (forward_kwargs or {}).items():
+        if isinstance(value, torch.Tensor) and value.is_inference():
+            value = value.clone()
+        per_example = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size
+        if per_example and not isinstance(index, slice):
+            value = value[index.to(value.device)]  # type: ignore[index]
+        elif per_example:
+            value = value[index]  # type: ignore[index]
+        picked[name] = value
+    return picked

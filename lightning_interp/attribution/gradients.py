@@ -1,14 +1,19 @@
 """Gradient attributions: saliency, gradient x input, SmoothGrad, Integrated Gradients and guided backprop.
 
-Every function takes ``(model, inputs, target, ...)`` and returns a tensor shaped like ``inputs``. Gradients come
-from ``torch.autograd.grad`` (parameters' ``.grad`` untouched); the functions work under ``torch.no_grad()`` and
-``torch.inference_mode()``; parameters' ``requires_grad`` flags are restored even when the forward raises; many
-points (interpolants, noisy copies) are evaluated in chunks so memory stays bounded. The model's train/eval mode is
-the caller's business, as in Captum: call ``model.eval()`` first for BatchNorm and dropout models.
+Every function takes ``(model, inputs, target, ...)`` and returns a tensor shaped like ``inputs``. The model is
+called as ``model(x, **forward_kwargs)`` (Captum's ``additional_forward_args``, by keyword): the tensors of
+``forward_kwargs`` with one row per example (an ``attention_mask``) follow each point's example through the noisy
+copies and interpolants. A model may return a Hugging Face ``ModelOutput`` (its ``logits`` are explained).
+Gradients come from ``torch.autograd.grad`` (parameters' ``.grad`` untouched); the functions work under
+``torch.no_grad()`` and ``torch.inference_mode()``; parameters' ``requires_grad`` flags are restored even when the
+forward raises; many points (interpolants, noisy copies) are evaluated in chunks so memory stays bounded. The
+model's train/eval mode is the caller's business, as in Captum: call ``model.eval()`` first for BatchNorm and
+dropout models. For token ids see :func:`~lightning_interp.attribution.embedding_attributions`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -21,6 +26,7 @@ from lightning_interp.attribution._gradients import (
     Target,
     as_target,
     chunk_size,
+    example_rows,
     gradient_scope,
     input_gradients,
     prepare_inputs,
@@ -43,8 +49,24 @@ IntegrationMethod = Literal["gausslegendre", "riemann_left", "riemann_right", "r
 IG_METHODS: tuple[str, ...] = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
 
+ForwardKwargs = Mapping[str, object] | None
+
+
+def _point_forward(model: Forward, forward_kwargs: ForwardKwargs, batch: int, example_of: object) -> object:
+    """``forward(x, start, stop)`` for :func:`input_gradients`: ``model(x, **kwargs)`` with the per-example
+    tensors of ``forward_kwargs`` at the examples ``example_of(start, stop)`` of the points; ``None`` (plain
+    ``model(x)``) without keyword arguments."""
+    if not forward_kwargs:
+        return None
+    return lambda x, start, stop: model(x, **example_rows(forward_kwargs, example_of(start, stop), batch))
+
+
 def _plain_gradient(
-    model: Forward, inputs: torch.Tensor, target: Target, internal_batch_size: int | None
+    model: Forward,
+    inputs: torch.Tensor,
+    target: Target,
+    internal_batch_size: int | None,
+    forward_kwargs: ForwardKwargs = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, dF_t/dx)`` for each example; call inside :func:`gradient_scope`."""
     x = prepare_inputs(inputs)
@@ -52,13 +74,19 @@ def _plain_gradient(
     grad = torch.empty_like(x)
     chunk = chunk_size(internal_batch_size)
     rows = (lambda a, b: t[a:b]) if t is not None else (lambda a, b: None)
-    for start, stop, g in input_gradients(model, x.shape[0], lambda a, b: x[a:b], rows, chunk):
+    forward = _point_forward(model, forward_kwargs, x.shape[0], lambda a, b: slice(a, b))
+    for start, stop, g in input_gradients(model, x.shape[0], lambda a, b: x[a:b], rows, chunk, forward):
         grad[start:stop] = g
     return x, grad
 
 
 def saliency(
-    model: Forward, inputs: torch.Tensor, target: Target, abs: bool = True, internal_batch_size: int | None = None
+    model: Forward,
+    inputs: torch.Tensor,
+    target: Target,
+    abs: bool = True,
+    internal_batch_size: int | None = None,
+    forward_kwargs: ForwardKwargs = None,
 ) -> torch.Tensor:
     """Gradient of the target score w.r.t. the input (Simonyan et al. 2014); its absolute value by default.
 
@@ -68,6 +96,7 @@ def saliency(
         target: class index per example: an int, a list, or a ``(B,)`` tensor; ``None`` for ``(B,)`` outputs.
         abs: return ``|dF_t/dx|`` (Captum's ``Saliency`` default) or the signed gradient.
         internal_batch_size: examples per forward/backward pass (default: sized by what the model keeps).
+        forward_kwargs: other arguments of the model's forward, by keyword (``attention_mask``).
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -77,12 +106,16 @@ def saliency(
         tensor([1., 2., 3.])
     """
     with gradient_scope(model):
-        _, grad = _plain_gradient(model, inputs, target, internal_batch_size)
+        _, grad = _plain_gradient(model, inputs, target, internal_batch_size, forward_kwargs)
     return grad.abs() if abs else grad
 
 
 def input_x_gradient(
-    model: Forward, inputs: torch.Tensor, target: Target, internal_batch_size: int | None = None
+    model: Forward,
+    inputs: torch.Tensor,
+    target: Target,
+    internal_batch_size: int | None = None,
+    forward_kwargs: ForwardKwargs = None,
 ) -> torch.Tensor:
     """Input times gradient, ``x * dF_t/dx`` (signed), like Captum's ``InputXGradient``.
 
@@ -94,7 +127,7 @@ def input_x_gradient(
         tensor([[ 3., -6.]])
     """
     with gradient_scope(model):
-        x, grad = _plain_gradient(model, inputs, target, internal_batch_size)
+        x, grad = _plain_gradient(model, inputs, target, internal_batch_size, forward_kwargs)
     return x * grad
 
 
@@ -109,6 +142,7 @@ def smoothgrad(
     noise: torch.Tensor | None = None,
     abs: bool = True,
     internal_batch_size: int | None = None,
+    forward_kwargs: ForwardKwargs = None,
 ) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): the mean saliency over ``n_samples`` noisy copies ``x + N(0, stdev^2)``.
 
@@ -130,6 +164,8 @@ def smoothgrad(
             draws it); overrides ``stdev`` and ``generator``.
         abs: absolute gradient per noisy copy (Captum's ``Saliency`` default) or the signed gradient.
         internal_batch_size: noisy copies per forward/backward pass (default: sized by what the model keeps).
+        forward_kwargs: other arguments of the model's forward, by keyword; per-example tensors follow each noisy
+            copy's example.
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -173,7 +209,9 @@ def smoothgrad(
 
         total = torch.zeros_like(x)
         chunk = chunk_size(internal_batch_size)
-        for start, stop, grad in input_gradients(model, batch * n_samples, points, rows, chunk):
+        example_of = lambda a, b: torch.arange(a, b, device=x.device) // n_samples  # noqa: E731
+        forward = _point_forward(model, forward_kwargs, batch, example_of)
+        for start, stop, grad in input_gradients(model, batch * n_samples, points, rows, chunk, forward):
             value = grad.abs() if abs else grad
             if squared:
                 value = value * value
@@ -215,6 +253,7 @@ def integrated_gradients(
     method: IntegrationMethod = "gausslegendre",
     internal_batch_size: int | None = None,
     return_convergence_delta: bool = False,
+    forward_kwargs: ForwardKwargs = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Integrated Gradients (Sundararajan et al. 2017): ``(x - x') * integral_0^1 dF_t/dx(x' + a (x - x')) da``.
 
@@ -227,6 +266,8 @@ def integrated_gradients(
         method: ``gausslegendre`` or a Riemann rule (see :func:`quadrature`).
         internal_batch_size: interpolants per forward/backward pass (default: sized by what the model keeps).
         return_convergence_delta: also return ``sum(attr) - (F_t(x) - F_t(x'))`` per example (signed).
+        forward_kwargs: other arguments of the model's forward, by keyword; per-example tensors follow each
+            interpolant's example.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 1), nn.Tanh())
@@ -265,20 +306,27 @@ def integrated_gradients(
 
         total = torch.zeros_like(x)
         chunk = chunk_size(internal_batch_size)
-        for start, stop, grad in input_gradients(model, batch * n_steps, points, rows, chunk):
+        example_of = lambda a, b: torch.arange(a, b, device=x.device) % batch  # noqa: E731
+        forward = _point_forward(model, forward_kwargs, batch, example_of)
+        for start, stop, grad in input_gradients(model, batch * n_steps, points, rows, chunk, forward):
             index = torch.arange(start, stop, device=x.device)
             total.index_add_(0, index % batch, grad * weight[index // batch].view(view))
         attributions = total * path
         if not return_convergence_delta:
             return attributions
         with torch.no_grad():
-            gap = select_outputs(model(x), t) - select_outputs(model(base.contiguous()), t)
+            kwargs = dict(forward_kwargs or {})
+            gap = select_outputs(model(x, **kwargs), t) - select_outputs(model(base.contiguous(), **kwargs), t)
         delta = attributions.reshape(batch, -1).sum(1) - gap
     return attributions, delta
 
 
 def guided_backprop(
-    model: nn.Module, inputs: torch.Tensor, target: Target, internal_batch_size: int | None = None
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    internal_batch_size: int | None = None,
+    forward_kwargs: ForwardKwargs = None,
 ) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al. 2015): the gradient with every ``nn.ReLU``'s backward signal
     clamped at zero as well (only positive evidence flows back), like Captum's ``GuidedBackprop``.
@@ -307,5 +355,5 @@ def guided_backprop(
             if isinstance(module, nn.ReLU):
                 hooks.forward(module, clamp_on_output)
         with gradient_scope(model):
-            _, grad = _plain_gradient(model, inputs, target, internal_batch_size)
+            _, grad = _plain_gradient(model, inputs, target, internal_batch_size, forward_kwargs)
     return grad
