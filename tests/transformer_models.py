@@ -1,7 +1,7 @@
 """Small third-party and torch transformers for tests: Hugging Face BERT, GPT-2 and ViT built from tiny configs
 (nothing downloaded), torch ``nn.TransformerEncoder`` classifiers (Post-LN and Pre-LN), an attention-free
 residual MLP with RMSNorm-like library classes, each wrapped in a LightningModule trained on synthetic dict
-batches. Dropout is 0 everywhere, so a second forward of a copy reproduces the training step's exactly."""
+batches. Dropout is 0 unless asked for, so a second forward of a copy reproduces the training step's exactly."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from lightning_interp.batches import logits_of
 VOCAB, SEQ, HIDDEN, CLASSES = 50, 12, 16, 3
 
 
-def tiny_bert() -> nn.Module:
+def tiny_bert(dropout: float = 0.0) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, num_labels=CLASSES,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)  # fmt: skip
     return BertForSequenceClassification(config)
 
 
@@ -49,10 +49,10 @@ class EncoderClassifier(nn.Module):
     """Token embedding, ``nn.TransformerEncoder`` (Post-LN or Pre-LN with a final norm), first-token head; its
     ``forward(input_ids, attention_mask=None)`` is the Hugging Face calling convention."""
 
-    def __init__(self, norm_first: bool, num_layers: int = 2, d_model: int = HIDDEN) -> None:
+    def __init__(self, norm_first: bool, num_layers: int = 2, d_model: int = HIDDEN, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, 2, 2 * d_model, dropout=0.0, batch_first=True,
+        layer = nn.TransformerEncoderLayer(d_model, 2, 2 * d_model, dropout=dropout, batch_first=True,
                                            norm_first=norm_first)  # fmt: skip
         final = nn.LayerNorm(d_model) if norm_first else None
         self.encoder = nn.TransformerEncoder(layer, num_layers, norm=final, enable_nested_tensor=False)
@@ -156,12 +156,13 @@ class SyntheticDicts(torch.utils.data.Dataset):
 
 
 class SyntheticDataModule(L.LightningDataModule):
-    def __init__(self, kind: str, n: int = 32, batch_size: int = 8) -> None:
+    def __init__(self, kind: str, n: int = 32, batch_size: int = 8, shuffle: bool = False) -> None:
         super().__init__()
-        self.kind, self.n, self.batch_size = kind, n, batch_size
+        self.kind, self.n, self.batch_size, self.shuffle = kind, n, batch_size, shuffle
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(SyntheticDicts(self.kind, self.n), batch_size=self.batch_size)
+        return torch.utils.data.DataLoader(SyntheticDicts(self.kind, self.n), batch_size=self.batch_size,
+                                           shuffle=self.shuffle)  # fmt: skip
 
 
 #: name -> (model factory, input kind, block names, stem name, one LayerNorm checked by hand)
