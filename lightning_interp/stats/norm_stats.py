@@ -49,6 +49,7 @@ from torch import nn
 __all__ = [
     "FIT_TOLERANCE",
     "library_norm_sigma",
+    "is_feature_norm",
     "TANH_SATURATION",
     "SIGMOID_SATURATION",
     "SATURATING_TANH",
@@ -195,6 +196,18 @@ def _library_kind(module: nn.Module) -> str | None:
     if name.endswith("LayerNorm"):
         return "layer"
     return None
+
+
+def is_feature_norm(module: nn.Module) -> bool:
+    """Whether ``module`` normalizes each example's (each token's) features: ``nn.LayerNorm``, ``nn.RMSNorm``, or a
+    library ``*LayerNorm``/``*RMSNorm`` class with a weight. Their sigma is one reduction over the feature
+    dimensions; BatchNorm's and GroupNorm's need passes over whole conv maps.
+
+    Example:
+        >>> is_feature_norm(nn.LayerNorm(4)), is_feature_norm(nn.BatchNorm2d(4))
+        (True, False)
+    """
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or _library_kind(module) is not None
 
 
 def _library_eps(module: nn.Module, default: float) -> float:
