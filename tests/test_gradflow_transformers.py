@@ -92,7 +92,8 @@ class Reference(Callback):
         rest = list(grads[len(names) :])
         for n in blocks:
             block_grads, rest = rest[: len(params[n])], rest[len(params[n]) :]
-            expected[f"gradflow/{n}/param_grad_norm"] = float(torch.sqrt(sum(g.double().square().sum() for g in block_grads)))
+            square = sum(g.double().square().sum() for g in block_grads)
+            expected[f"gradflow/{n}/param_grad_norm"] = float(torch.sqrt(square))
         gain = layernorm_gain_by_hand(norm_input["x"], modules[self.norm], self.rms)
         expected[f"gradflow/{self.norm}/effective_gain"] = gain
         expected[f"norm/{self.norm}/effective_gain"] = gain

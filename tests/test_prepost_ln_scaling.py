@@ -1,25 +1,27 @@
-"""Xiong et al. (2020), "On Layer Normalization in the Transformer Architecture", reproduced from GradFlowMonitor's
-logged values alone.
+"""Xiong et al. (2020), "On Layer Normalization in the Transformer Architecture", reproduced from
+GradFlowMonitor's logged values alone.
 
-Their Theorem 1: at initialization the gradient of the last layer's parameters has a norm independent of the depth
-``L`` in a Post-LN transformer and shrinking like ``1/sqrt(L)`` in a Pre-LN one (the final LayerNorm divides by
-the residual stream's norm, whose square grows like ``1 + L/2`` in their mean-field analysis); and the Post-LN
-gradient grows toward the output. The setting that reproduces it here is theirs: Xavier-initialised weights,
-zero biases, dropout 0, one example per step (the theorem is about one example's gradient), a first-token
-classifier on top of ``nn.TransformerEncoder`` (``norm_first=False/True``, the Pre-LN one with a final norm).
+Their Theorem 1: at initialization the gradient of the last layer's parameters has a norm independent of the
+depth ``L`` in a Post-LN transformer and shrinking like ``1/sqrt(L)`` in a Pre-LN one (the final LayerNorm
+divides by the residual stream's norm, whose square grows like ``1 + L/2`` in their mean-field analysis); and
+the Post-LN gradient grows toward the output. The setting that reproduces it here is theirs:
+Xavier-initialised weights, zero biases, dropout 0, one example per step (the theorem is about one example's
+gradient), a first-token classifier on top of ``nn.TransformerEncoder`` (``norm_first=False/True``, the Pre-LN
+one with a final norm).
 
 Measured (32 examples: 4 initialisations x 8 examples, d_model 64, 16 tokens), the last block's
 ``param_grad_norm`` relative to L = 6: Post-LN 1.09 / 1.08 at L = 12 / 24, Pre-LN 0.76 / 0.54 (the mean-field
-prediction ``sqrt((1 + 6/2) / (1 + L/2))`` is 0.76 / 0.55, plain ``sqrt(6/L)`` 0.71 / 0.50). What does not carry
-over (same models, gradients by autograd, 4 initialisations): the batch-mean gradient (16 examples a step) of a Post-LN model grows with depth
-(x1.23 / x1.52 at L = 12 / 24; the examples' gradients align more in deeper Post-LN stacks), Pre-LN's falls less
-(x0.87 / x0.61); with ``nn.TransformerEncoder``'s own initialisation every layer is a copy of one, and Pre-LN falls
-about like ``1/L`` (x0.54 / x0.26) because identical blocks grow the residual stream coherently; PyTorch's default
-Linear init drawn per layer gives small branches and a slower fall (x0.86 / x0.71); with one example a step,
-Post-LN stays within 16% of constant under both of these initialisations. Per block: Post-LN's gradient (``grad_norm`` of the block output and the block's
-``param_grad_norm``) grows toward the output, more so with depth, as Xiong et al. report; Pre-LN's does not grow
-toward the output but is not flat either: it shrinks toward the output (x0.4-0.7 from the first block to the
-last), the gradient being largest at the input end.
+prediction ``sqrt((1 + 6/2) / (1 + L/2))`` is 0.76 / 0.55, plain ``sqrt(6/L)`` 0.71 / 0.50). What does not
+carry over (same models, gradients by autograd, 4 initialisations): the batch-mean gradient (16 examples a
+step) of a Post-LN model grows with depth (x1.23 / x1.52 at L = 12 / 24; the examples' gradients align more in
+deeper Post-LN stacks), Pre-LN's falls less (x0.87 / x0.61); with ``nn.TransformerEncoder``'s own
+initialisation every layer is a copy of one, and Pre-LN falls about like ``1/L`` (x0.54 / x0.26) because
+identical blocks grow the residual stream coherently; PyTorch's default Linear init drawn per layer gives
+small branches and a slower fall (x0.86 / x0.71); with one example a step, Post-LN stays within 16% of
+constant under both of these initialisations. Per block: Post-LN's gradient (``grad_norm`` of the block output
+and the block's ``param_grad_norm``) grows toward the output, more so with depth, as Xiong et al. report;
+Pre-LN's does not grow toward the output but is not flat either: it shrinks toward the output (x0.4-0.7 from
+the first block to the last), the gradient being largest at the input end.
 """
 
 from __future__ import annotations
