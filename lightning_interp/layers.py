@@ -35,6 +35,7 @@ __all__ = [
     "normalization_layers",
     "last_linear",
     "first_tensor",
+    "called_functionally",
 ]
 
 INPUT = "input"
@@ -242,6 +243,23 @@ def stem_layer(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> Lay
         name = parent
     module = dict(named)[name]
     return Layer(name, module)
+
+
+def called_functionally(model: nn.Module) -> dict[str, str]:
+    """Submodules whose parent uses their weights functionally, so that their forward hooks never run, with the
+    module to watch instead: ``nn.MultiheadAttention`` computes its output projection with ``F.linear(...,
+    out_proj.weight)`` (both its fast and slow paths), never calling ``out_proj``.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        >>> called_functionally(layer)
+        {'self_attn.out_proj': 'self_attn'}
+    """
+    found: dict[str, str] = {}
+    for name, module in named_submodules(model):
+        if isinstance(module, nn.MultiheadAttention):
+            found[f"{name}.out_proj"] = name
+    return found
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:

@@ -18,18 +18,27 @@ from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks.norm_stats_monitor import logged_step
 from lightning_interp.charts import gradient_flow_chart
 from lightning_interp.errors import LightningInterpError
-from lightning_interp.layers import Layer, first_tensor, named_submodules, select_layers
+from lightning_interp.layers import (
+    Layer,
+    called_functionally,
+    first_tensor,
+    is_normalization,
+    named_submodules,
+    residual_blocks,
+    select_layers,
+)
 from lightning_interp.stats.grad_flow import (
     ChainLink,
     PowerIteration,
     analytic_flow,
     chain_links,
     measured_flow,
+    module_param_grad_norms,
     param_grad_norms,
     per_example_grad_norm,
     weight_matrix,
 )
-from lightning_interp.stats.norm_stats import effective_gain
+from lightning_interp.stats.norm_stats import FIT_TOLERANCE, effective_gain, is_feature_norm
 from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_writer
 
 __all__ = ["GradFlowMonitor"]
@@ -37,30 +46,83 @@ __all__ = ["GradFlowMonitor"]
 OUTPUT = "output"
 
 
+def _norms_on_stream(
+    model: nn.Module, watched: Sequence[str], output_layer: str | None, extra_types: Sequence[type]
+) -> list[Layer]:
+    """The feature normalizations (LayerNorm, RMSNorm and library classes like them) a residual stream's gradient
+    meets: those inside a watched module (a block, the stem) and those registered after the last watched module but
+    not inside the output layer (a final norm). BatchNorm and GroupNorm inside ResNet blocks are left to
+    NormStatsMonitor: their sigma costs passes over whole conv maps (measured: 0.7 s of a logged ResNet-18 step)."""
+    named = named_submodules(model)
+    position = {n: i for i, (n, _) in enumerate(named)}
+    last = max(position[n] for n in watched)
+    last_name = named[last][0]
+    found = []
+    for name, module in named:
+        if not (is_normalization(module, extra_types) and is_feature_norm(module)):
+            continue
+        inside = any(name.startswith(w + ".") for w in watched)
+        after = position[name] > last and not name.startswith(last_name + ".")
+        in_head = output_layer is not None and name.startswith(output_layer + ".")
+        if inside or (after and not in_head):
+            found.append(Layer(name, module))
+    return found
+
+
 class GradFlowMonitor(InterpCallback):
     """Per-layer gradient norms, backward gains and their cumulative product, next to the product the weights
-    and normalization gains predict, logged every ``log_every_n_steps``.
+    and normalization gains predict (plain chains), logged every ``log_every_n_steps``.
 
     On logged steps only, forward hooks on the hidden layers (and the output layer) put gradient hooks on
     their outputs, which fire during the training step's *own* backward: no extra forward or backward pass.
-    Parameter gradients are read in ``on_before_optimizer_step``. Definitions:
-    :mod:`lightning_interp.stats.grad_flow`.
+    Parameter gradients are read in ``on_before_optimizer_step``. On other steps each hook checks a flag and
+    returns. Definitions: :mod:`lightning_interp.stats.grad_flow`.
+
+    The default hidden layers follow the model's structure (:func:`~lightning_interp.layers.select_layers`): on a
+    model with repeated blocks (transformer layers, ResNet blocks) the residual stream — the output of the module
+    feeding the first block (the embeddings) and of every block (the first tensor of a tuple or ``ModelOutput``;
+    a ``(B, T, D)`` sequence gives one norm per example over its ``T * D`` values) — otherwise every
+    nonlinearity's output.
 
     Logged through ``LightningModule.log`` (``on_step``, ``sync_dist=True``, any logger):
 
     * ``gradflow/<hidden layer>/grad_norm``: mean per-example ``||dL/dH_l||``;
       ``gradflow/<hidden layer>/backward_gain``: ``||dL/dH_{l-1}|| / ||dL/dH_l||`` (not for the first layer);
       ``gradflow/<hidden layer>/cum_product``: product of the gains from the output down to ``l``;
-    * ``gradflow/<hidden layer>/analytic_gain``: ``||W_l||_2 * mean(|g_l| / sigma_l)``;
+    * ``gradflow/output/grad_norm``, ``gradflow/output/backward_gain``, for the output of the last weight layer
+      (the logits; a Hugging Face head such as ``classifier`` or ``score``);
+    * ``gradflow/<norm layer>/effective_gain``: ``mean(|g| / sigma)`` of each normalization layer followed
+      (eq. 1.10's ``g_l / sigma_l``, with the sigma the layer divides by on this forward: per token for
+      LayerNorm, the root mean square for RMSNorm and RMSNorm-like library classes; see
+      :func:`~lightning_interp.stats.norm_stats.effective_gain`);
+    * ``gradflow/total/param_grad_norm``: norm of the gradients of all parameters;
+    * ``gradflow/total/cum_product``: the product at the first watched layer (output to input end);
+
+    On a plain chain (no repeated blocks):
+
+    * ``gradflow/<hidden layer>/analytic_gain``: ``||W_l||_2 * mean(|g_l| / sigma_l)`` (the weight layer and
+      normalization feeding the layer, :func:`~lightning_interp.stats.grad_flow.chain_links`);
       ``gradflow/<hidden layer>/analytic_cum_product``: its product from the output down to ``l``;
-    * ``gradflow/output/grad_norm``, ``gradflow/output/backward_gain``, ``gradflow/output/analytic_gain``
-      (``||W_out||_2``), for the output of the last weight layer;
+      ``gradflow/output/analytic_gain`` (``||W_out||_2``); ``gradflow/total/analytic_cum_product``;
     * ``gradflow/<weight layer>/spectral_norm``: ``||W||_2`` by persistent power iteration (one step per
-      logged step; a conv kernel as its ``(out, in*k*k)`` matrix);
+      logged step; a conv kernel as its ``(out, in*k*k)`` matrix, a Hugging Face ``Conv1D`` transposed);
     * ``gradflow/<module>/param_grad_norm``: norm of the gradients of each module's own parameters (weight and
-      bias together); ``gradflow/total/param_grad_norm``: over all parameters;
-    * ``gradflow/total/cum_product`` and ``gradflow/total/analytic_cum_product``: the products at the first
-      watched layer (output to input end);
+      bias together); the normalizations followed are those of the chain links.
+
+    On a model with repeated blocks, instead:
+
+    * ``gradflow/<block or stem>/param_grad_norm``: norm of the gradients of every parameter inside it
+      (recursive: attention, MLP and norms together; Xiong et al. 2020's per-layer quantity), and
+      ``gradflow/<output layer>/param_grad_norm``;
+    * ``gradflow/<output layer>/spectral_norm``;
+    * effective gains of every LayerNorm/RMSNorm (and library classes like them) inside a watched block or the
+      stem, and of those after the last block (GPT-2's ``ln_f``, ViT's ``layernorm``, a Pre-LN encoder's final
+      norm); a ResNet's BatchNorm gains are NormStatsMonitor's ``norm/<layer>/effective_gain`` (their batch
+      statistics cost passes over whole conv maps);
+    * no ``analytic_*`` tags: a block computes ``h + F(h)``, whose Jacobian ``I + dF/dh`` has an identity
+      path that is in no weight, so the chain's ``prod ||W|| g / sigma`` predicts nothing across blocks.
+
+    And in both cases:
     * ``gradflow/total/flow_events``: logged steps whose ``total/cum_product`` left ``band`` (vanishing below,
       exploding above; warned once each); ``gradflow/total/nonfinite_events``: steps with NaN/Inf gradients.
 
@@ -73,9 +135,14 @@ class GradFlowMonitor(InterpCallback):
     hooks are scaled; they are divided by the scaler's scale read in ``on_before_optimizer_step`` (the scale
     used for that backward). Parameter gradients are already unscaled by Lightning before that hook.
 
+    A layer whose hook never runs (``nn.MultiheadAttention`` applies its ``out_proj`` functionally) or whose
+    output carries no gradient is named in a warning once and left out. At the defaults, a model with nothing
+    to watch gets one warning naming ``layers=`` and an idle callback; explicit ``layers`` that select no module
+    fail in ``setup``.
+
     Args:
-        layers: the hidden layers (see :func:`~lightning_interp.layers.select_layers`); ``None``: every
-            nonlinearity's output. ``"input"`` is ignored.
+        layers: the hidden layers (see :func:`~lightning_interp.layers.select_layers`); ``None``: the residual
+            stream of a model with repeated blocks, else every nonlinearity's output. ``"input"`` is ignored.
         norm_types: extra module types to treat as normalization layers.
         every_n_epochs: figure period in training epochs.
         band: ``(low, high)`` for ``total/cum_product``; outside it a vanishing/exploding event is counted.
@@ -124,6 +191,10 @@ class GradFlowMonitor(InterpCallback):
         self.hidden_layers: list[Layer] = []
         self.links: list[ChainLink] = []
         self.output_layer: str | None = None
+        self.residual = False  # the model has repeated blocks: no analytic chain
+        self.norm_layers: list[Layer] = []
+        self.param_groups: list[str] = []
+        self.idle = False
         self.power = PowerIteration(seed)
         self.last: dict[str, float] = {}
         self.flow_events = 0
@@ -133,8 +204,12 @@ class GradFlowMonitor(InterpCallback):
         self._order: list[str] = []
         self._grad_norms: dict[str, torch.Tensor] = {}
         self._gains: dict[str, torch.Tensor] = {}
+        self._fits: dict[str, torch.Tensor] = {}
         self._param_norms: dict[str, torch.Tensor] = {}
         self._scale = 1.0
+        self._fired: set[str] = set()
+        self._no_grad: set[str] = set()
+        self._functional: dict[str, str] = {}
 
     @override
     def _config(self) -> dict[str, Any]:
@@ -151,43 +226,64 @@ class GradFlowMonitor(InterpCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._refuse_sharded(trainer, "its spectral norms and parameter-gradient norms read whole weight matrices")
+        self.idle = False
         self.hidden_layers = [layer for layer in select_layers(pl_module, self.layers) if not layer.is_input]
         if not self.hidden_layers:
-            raise LightningInterpError(
-                "GradFlowMonitor found no hidden layer to watch (no nonlinearity module and fewer than two "
-                "weight layers). Pass `layers=` naming the modules whose outputs to follow."
+            if self.layers is not None:
+                raise LightningInterpError(
+                    "Expected argument `layers` to select at least one module whose output GradFlowMonitor can "
+                    f"follow (the model input `input` is not one), but got {self.layers!r}."
+                )
+            self.idle = True
+            self.problems.report(
+                "nothing_to_watch",
+                "found no hidden layer to watch (no repeated blocks, no nonlinearity module, fewer than two "
+                "weight layers) and stays idle in this fit; pass `layers=` naming the modules whose outputs to "
+                "follow (names, globs such as 'encoder.*', or module types)",
             )
-        self.links, self.output_layer = chain_links(
-            pl_module, [layer.name for layer in self.hidden_layers], self.norm_types
-        )
+            return
+        names = [layer.name for layer in self.hidden_layers]
         self._modules = dict(named_submodules(pl_module))
+        self._functional = called_functionally(pl_module)
+        self.residual = bool(residual_blocks(pl_module))
+        links, self.output_layer = chain_links(pl_module, names, self.norm_types)
+        if self.residual:
+            self.links = []
+            self.norm_layers = _norms_on_stream(pl_module, names, self.output_layer, self.norm_types)
+            groups = [*names, *([self.output_layer] if self.output_layer is not None else [])]
+            self.param_groups = [n for n in groups if next(self._modules[n].parameters(), None) is not None]
+        else:
+            self.links = links
+            linked = {link.norm for link in links if link.norm is not None}
+            self.norm_layers = [Layer(n, m) for n, m in named_submodules(pl_module) if n in linked]
+            self.param_groups = []
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self._release()
+        if self.idle:
+            return
         for layer in self.hidden_layers:
             self.hooks.forward(layer.module, self._make_output_hook(layer.name))
         if self.output_layer is not None:
             self.hooks.forward(self._modules[self.output_layer], self._make_output_hook(OUTPUT))
-        for norm in {link.norm for link in self.links if link.norm is not None}:
-            self.hooks.forward(self._modules[norm], self._make_norm_hook(norm))
+        for layer in self.norm_layers:
+            self.hooks.forward(layer.module, self._make_norm_hook(layer.name))
         writer = tensorboard_writer(trainer, self.problems)
         if writer is not None:
-            stats = (
-                "grad_norm",
-                "backward_gain",
-                "cum_product",
-                "analytic_gain",
-                "analytic_cum_product",
-                "spectral_norm",
-                "param_grad_norm",
-            )
+            stats = ["grad_norm", "backward_gain", "cum_product", "effective_gain"]
+            if not self.residual:
+                stats += ["analytic_gain", "analytic_cum_product"]
+            stats += ["spectral_norm", "param_grad_norm"]
             charts = {f"{stat}, every layer": [rf"gradflow/.*/{stat}$"] for stat in stats}
-            charts["total cumulative product, measured vs analytic"] = [
-                r"gradflow/total/(analytic_)?cum_product$"
-            ]
+            if self.residual:
+                charts["total cumulative product"] = [r"gradflow/total/cum_product$"]
+            else:
+                charts["total cumulative product, measured vs analytic"] = [
+                    r"gradflow/total/(analytic_)?cum_product$"
+                ]
             add_custom_scalar_charts(writer, "gradflow", charts)
 
     # ---- hooks
@@ -196,8 +292,10 @@ class GradFlowMonitor(InterpCallback):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._active or name in self._grad_norms or name in self._order:
                 return  # a shared module: the first call site is followed
+            self._fired.add(name)
             y = first_tensor(output, self.output_key)
             if y is None or not y.requires_grad:
+                self._no_grad.add(name)
                 return
             self._order.append(name)
             self.hooks.tensor(y, self._make_grad_hook(name))
@@ -216,8 +314,12 @@ class GradFlowMonitor(InterpCallback):
     def _make_norm_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if self._active and name not in self._gains and args and isinstance(args[0], torch.Tensor):
+                diagnostics: dict[str, torch.Tensor] = {}
                 with torch.no_grad():
-                    self._gains[name] = effective_gain(module, args[0])
+                    y = first_tensor(output)
+                    self._gains[name] = effective_gain(module, args[0], output=y, diagnostics=diagnostics)
+                if "fit_error" in diagnostics:
+                    self._fits[name] = diagnostics["fit_error"]
 
         return hook
 
@@ -227,15 +329,18 @@ class GradFlowMonitor(InterpCallback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._active = logged_step(trainer)
-        self._order, self._grad_norms, self._gains = [], {}, {}
+        self._active = not self.idle and logged_step(trainer)
+        self._order, self._grad_norms, self._gains, self._fits = [], {}, {}, {}
         self._param_norms, self._scale = {}, 1.0
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if not self._active:
             return
-        self._param_norms = param_grad_norms(pl_module)
+        if self.residual:
+            self._param_norms = module_param_grad_norms(pl_module, self.param_groups)
+        else:
+            self._param_norms = param_grad_norms(pl_module)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             self._scale = float(scaler.get_scale())
@@ -247,6 +352,7 @@ class GradFlowMonitor(InterpCallback):
         if not self._active:
             return
         self._active = False
+        self._check_fired()
         values = self._collect()
         if values is None:
             return
@@ -262,6 +368,8 @@ class GradFlowMonitor(InterpCallback):
             tensors[f"norm:{name}"] = norm
         for name, gain in self._gains.items():
             tensors[f"gain:{name}"] = gain
+        for name, fit in self._fits.items():
+            tensors[f"fit:{name}"] = fit
         for name, norm in self._param_norms.items():
             tensors[f"param:{name}"] = norm
         weights = [link.weight for link in self.links if link.weight is not None]
@@ -273,8 +381,33 @@ class GradFlowMonitor(InterpCallback):
             return None
         device = next(iter(tensors.values())).device
         numbers = torch.stack([t.reshape(()).float().to(device) for t in tensors.values()]).tolist()
-        self._grad_norms, self._gains, self._param_norms = {}, {}, {}
+        self._grad_norms, self._gains, self._fits, self._param_norms = {}, {}, {}, {}
         return dict(zip(tensors, numbers))
+
+    def _check_fired(self) -> None:
+        """Name, once, the watched layers of this logged step that gave no gradient to follow."""
+        watched = [layer.name for layer in self.hidden_layers]
+        silent = [name for name in watched if name not in self._fired]
+        if silent:
+            hints = [
+                f"`{name}` (nn.MultiheadAttention applies it functionally: watch `{self._functional[name]}`)"
+                if name in self._functional
+                else f"`{name}`"
+                for name in silent
+            ]
+            self.problems.report(
+                "never_fired",
+                f"the forward hooks of {', '.join(hints)} never ran (modules called functionally, or not in this "
+                "forward); no gradient is followed there",
+            )
+        frozen = [name for name in watched if name in self._no_grad and name not in self._order]
+        if frozen:
+            self.problems.report(
+                "no_gradient",
+                f"the outputs of {', '.join(f'`{n}`' for n in frozen)} carry no gradient (frozen or detached); "
+                "no gradient is followed there",
+            )
+        self._fired, self._no_grad = set(), set()
 
     def _flow(self, values: dict[str, float]) -> dict[str, float]:
         scale = self._scale
@@ -294,6 +427,35 @@ class GradFlowMonitor(InterpCallback):
         for name, entry in measured_flow(hidden, norms, output_norm).items():
             for stat, value in entry.items():
                 logged[f"gradflow/{name}/{stat}"] = value
+        for key in [k for k in values if k.startswith("fit:")]:
+            name = key[4:]
+            if not values[key] <= FIT_TOLERANCE:  # NaN too
+                values[f"gain:{name}"] = float("nan")
+                self.problems.report(
+                    "unknown_norm_form",
+                    f"the output of normalization `{name}` ({type(self._modules[name]).__name__}) is neither "
+                    "g * (x - mean) / std (+ b) nor g * x / rms (+ b); its effective_gain is logged as NaN",
+                )
+        for name in [k[5:] for k in values if k.startswith("gain:")]:
+            logged[f"gradflow/{name}/effective_gain"] = values[f"gain:{name}"]
+        for key, value in values.items():
+            kind, _, name = key.partition(":")
+            if kind == "spectral":
+                logged[f"gradflow/{name}/spectral_norm"] = value
+            elif kind == "param":
+                logged[f"gradflow/{name}/param_grad_norm"] = value
+        if not self.residual:
+            self._analytic(hidden, values, logged)
+        if hidden:
+            total = logged[f"gradflow/{hidden[0]}/cum_product"]
+            logged["gradflow/total/cum_product"] = total
+            self._check_band(total)
+        logged["gradflow/total/flow_events"] = float(self.flow_events)
+        logged["gradflow/total/nonfinite_events"] = float(self.nonfinite_events)
+        return logged
+
+    def _analytic(self, hidden: list[str], values: dict[str, float], logged: dict[str, float]) -> None:
+        """The plain chain's prediction: ``||W_l|| * g_l / sigma_l`` per hidden layer and its products."""
         # analytic: ||W_l|| * g_l / sigma_l per hidden layer, in the measured (forward) order
         by_hidden = {link.hidden: link for link in self.links}
         analytic = []
@@ -312,20 +474,8 @@ class GradFlowMonitor(InterpCallback):
         cumulative = analytic_flow(hidden, analytic, output_gain)
         for name, product in cumulative.items():
             logged[f"gradflow/{name}/analytic_cum_product"] = product
-        for key, value in values.items():
-            kind, _, name = key.partition(":")
-            if kind == "spectral":
-                logged[f"gradflow/{name}/spectral_norm"] = value
-            elif kind == "param":
-                logged[f"gradflow/{name}/param_grad_norm"] = value
         if hidden:
-            total = logged[f"gradflow/{hidden[0]}/cum_product"]
-            logged["gradflow/total/cum_product"] = total
             logged["gradflow/total/analytic_cum_product"] = cumulative[hidden[0]]
-            self._check_band(total)
-        logged["gradflow/total/flow_events"] = float(self.flow_events)
-        logged["gradflow/total/nonfinite_events"] = float(self.nonfinite_events)
-        return logged
 
     def _check_band(self, product: float) -> None:
         low, high = self.band
@@ -373,7 +523,8 @@ class GradFlowMonitor(InterpCallback):
     def _release(self) -> None:
         super()._release()
         self._active = False
-        self._order, self._grad_norms, self._gains, self._param_norms = [], {}, {}, {}
+        self._order, self._grad_norms, self._gains, self._fits, self._param_norms = [], {}, {}, {}, {}
+        self._fired, self._no_grad = set(), set()
 
     # ---- state
     # -----------------------------------------------------------------------------------------------

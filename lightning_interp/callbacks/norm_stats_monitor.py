@@ -16,8 +16,20 @@ from typing_extensions import override
 from lightning_interp._distributed import sharded_strategy
 from lightning_interp._validation import check_module_types, check_positive_int
 from lightning_interp.callbacks._base import InterpCallback
-from lightning_interp.layers import Layer, first_tensor, normalization_layers, select_layers
-from lightning_interp.stats.norm_stats import activation_stats, norm_layer_stats, snapshot_running_stats
+from lightning_interp.errors import LightningInterpError
+from lightning_interp.layers import (
+    Layer,
+    called_functionally,
+    first_tensor,
+    normalization_layers,
+    select_layers,
+)
+from lightning_interp.stats.norm_stats import (
+    FIT_TOLERANCE,
+    activation_stats,
+    norm_layer_stats,
+    snapshot_running_stats,
+)
 from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_writer
 
 __all__ = ["NormStatsMonitor"]
@@ -57,19 +69,25 @@ class NormStatsMonitor(InterpCallback):
     """Statistics of every normalization layer and of the hidden layers, logged every ``log_every_n_steps``.
 
     Forward hooks on the training step's own forward read the inputs and outputs of each normalization layer
-    (BatchNorm*, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm*, RMSNorm and ``norm_types``) and the
-    output of each hidden layer (the probes' default: every nonlinearity), on logged steps only; nothing is
-    computed on the other steps. The model, its gradients, buffers and modes and the global RNG are untouched.
-    Definitions and thresholds: :mod:`lightning_interp.stats.norm_stats`.
+    (BatchNorm*, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm*, RMSNorm, library classes by role — any
+    ``*LayerNorm``/``*RMSNorm`` class with a weight, such as Hugging Face's ``LlamaRMSNorm`` or
+    ``T5LayerNorm`` — and ``norm_types``) and the output of each hidden layer (the probes' default: the
+    residual stream after every block of a transformer or ResNet, else every nonlinearity), on logged steps
+    only; on the other steps each hook checks a flag and returns. The model, its gradients, buffers and modes and
+    the global RNG are untouched. Definitions and thresholds: :mod:`lightning_interp.stats.norm_stats`.
 
     Logged through ``LightningModule.log`` (``on_step``, ``sync_dist=True``, any logger):
 
     * ``norm/<norm layer>/<stat>``: ``in_mean``, ``in_std``, ``out_mean``, ``out_std``, ``gamma_abs_mean``,
       ``beta_mean`` (affine layers), ``effective_gain`` = mean(|gamma| / sigma) with the sigma the layer
-      divides by (batch statistics in train mode, running statistics in eval mode, per example for
-      LayerNorm/GroupNorm/ RMSNorm), and for BatchNorm ``running_mean_dist`` / ``running_std_ratio`` (running
-      vs batch statistics);
-    * ``norm/<hidden layer>/<stat>``: ``act_mean``, ``act_std``; ``saturated_frac`` after Tanh/Sigmoid-like
+      divides by (batch statistics in train mode, running statistics in eval mode, per example — per token
+      for ``(B, T, D)`` inputs — for LayerNorm/GroupNorm/RMSNorm; the root mean square, with the layer's
+      ``eps`` or ``variance_epsilon``, for RMSNorm-like library classes, which ``T5LayerNorm`` is: the layer's
+      own output decides whether a library ``*LayerNorm`` subtracts the mean; one whose output fits neither
+      form is warned about once and gets NaN), and for BatchNorm ``running_mean_dist`` /
+      ``running_std_ratio`` (running vs batch statistics);
+    * ``norm/<hidden layer>/<stat>``: ``act_mean``, ``act_std`` (over every element: all tokens of a ``(B, T,
+      D)`` block output, padding included); ``saturated_frac`` after Tanh/Sigmoid-like
       layers (``|a| > 0.99``; sigmoid ``< 0.01`` or ``> 0.99``); ``dead_frac`` after ReLU/ReLU6 (units never
       positive in the batch; a conv unit is a channel);
     * ``norm/total/effective_gain``, ``norm/total/dead_frac``, ``norm/total/saturated_frac``: means over
@@ -80,9 +98,13 @@ class NormStatsMonitor(InterpCallback):
     activations`` (a strided sample of at most ``histogram_samples`` values) and ``norm/<norm layer>/gamma``,
     and once a custom-scalars layout (``norm`` section: one chart per statistic with every layer).
 
+    At the defaults, a model with neither a normalization layer nor a hidden layer gets one warning naming
+    ``layers=`` and an idle callback; explicit ``layers`` that select no module fail in ``setup``. Hidden layers
+    whose hooks never run (``nn.MultiheadAttention``'s ``out_proj``) are named in a warning once.
+
     Args:
-        layers: the hidden layers (see :func:`~lightning_interp.layers.select_layers`); ``None``: every
-            nonlinearity's output. ``"input"`` is ignored.
+        layers: the hidden layers (see :func:`~lightning_interp.layers.select_layers`); ``None``: the block
+            outputs of a model with repeated blocks, else every nonlinearity's output. ``"input"`` is ignored.
         norm_types: extra module types to treat as normalization layers.
         every_n_epochs: histogram period in training epochs.
         histogram_samples: values kept per layer for a histogram.
@@ -122,6 +144,9 @@ class NormStatsMonitor(InterpCallback):
         self.hidden_layers: list[Layer] = []
         self.last: dict[str, float] = {}
         self.nonfinite_events = 0
+        self.idle = False
+        self._fired: set[str] = set()
+        self._fits: dict[str, torch.Tensor] = {}
         self._active = False
         self._sampling = False
         self._sampled_epoch = -1
@@ -129,6 +154,7 @@ class NormStatsMonitor(InterpCallback):
         self._snapshots: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._samples: dict[str, torch.Tensor] = {}
+        self._functional: dict[str, str] = {}
 
     @override
     def _config(self) -> dict[str, Any]:
@@ -143,14 +169,31 @@ class NormStatsMonitor(InterpCallback):
     # ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.idle = False
         self.norm_layers = normalization_layers(pl_module, self.norm_types)
         self.hidden_layers = [layer for layer in select_layers(pl_module, self.layers) if not layer.is_input]
+        if self.layers is not None and not self.hidden_layers:
+            raise LightningInterpError(
+                "Expected argument `layers` to select at least one module whose output NormStatsMonitor can "
+                f"describe (the model input `input` is not one), but got {self.layers!r}."
+            )
+        if not self.norm_layers and not self.hidden_layers:
+            self.idle = True
+            self.problems.report(
+                "nothing_to_watch",
+                "found no normalization layer and no hidden layer (no repeated blocks, no nonlinearity module, "
+                "fewer than two weight layers) and stays idle in this fit; pass `layers=` naming the modules "
+                "whose outputs to describe, or `norm_types=` for normalization classes it does not recognise",
+            )
+        self._functional = called_functionally(pl_module)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self._release()
+        if self.idle:
+            return
         for layer in self.norm_layers:
             self.hooks.forward_pre(layer.module, self._make_pre_hook(layer.name))
             self.hooks.forward(layer.module, self._make_norm_hook(layer.name))
@@ -194,7 +237,10 @@ class NormStatsMonitor(InterpCallback):
                     "non_tensor", f"layer `{name}` has a non-tensor input or output; skipped"
                 )
                 return
-            self._pending[key] = norm_layer_stats(module, x, y, self._snapshots.pop(name, None))
+            diagnostics: dict[str, torch.Tensor] = {}
+            self._pending[key] = norm_layer_stats(module, x, y, self._snapshots.pop(name, None), diagnostics)
+            if "fit_error" in diagnostics:
+                self._fits[key] = diagnostics["fit_error"]
 
         return hook
 
@@ -202,6 +248,7 @@ class NormStatsMonitor(InterpCallback):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not (self._active or self._sampling):
                 return
+            self._fired.add(name)
             key = self._key(name, "hidden")
             y = first_tensor(output, self.output_key)
             if y is None:
@@ -226,9 +273,10 @@ class NormStatsMonitor(InterpCallback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._calls.clear()
-        self._pending = {}
+        self._pending, self._fits = {}, {}
         self._snapshots = {}
-        self._active = logged_step(trainer)
+        self._fired = set()
+        self._active = not self.idle and logged_step(trainer)
         # one histogram sample per due epoch: the first batch of the epoch
         self._sampling = self._histograms_due(trainer) and self._sampled_epoch != trainer.current_epoch
         if self._sampling:
@@ -243,18 +291,31 @@ class NormStatsMonitor(InterpCallback):
         if not self._active:
             return
         self._active = False
+        self._check_fired()
         pending, self._pending = self._pending, {}
+        fits, self._fits = self._fits, {}
         tags: list[str] = []
         values: list[torch.Tensor] = []
         for layer, stats in pending.items():
             for stat, value in stats.items():
                 tags.append(f"norm/{layer}/{stat}")
                 values.append(value.reshape(()).to(torch.float32))
+        for layer, fit in fits.items():
+            tags.append(f"fit:{layer}")
+            values.append(fit.reshape(()).to(torch.float32))
         if not values:
             return
         # one device-to-host transfer for every statistic of the step
         numbers = torch.stack([v.to(values[0].device) for v in values]).tolist()
         logged = dict(zip(tags, numbers))
+        for layer in fits:
+            if not logged.pop(f"fit:{layer}") <= FIT_TOLERANCE:  # NaN too
+                logged[f"norm/{layer}/effective_gain"] = float("nan")
+                self.problems.report(
+                    "unknown_norm_form",
+                    f"the output of normalization `{layer}` is neither g * (x - mean) / std (+ b) nor "
+                    "g * x / rms (+ b); its effective_gain is logged as NaN",
+                )
         if not all(math.isfinite(v) for t, v in logged.items() if not t.endswith("effective_gain")):
             self.nonfinite_events += 1
             self.problems.report(
@@ -270,6 +331,23 @@ class NormStatsMonitor(InterpCallback):
         for tag, value in logged.items():
             pl_module.log(tag, value, on_step=True, on_epoch=False, sync_dist=True)
         self.last = logged
+
+    def _check_fired(self) -> None:
+        """Name, once, the hidden layers whose hooks did not run on this logged step."""
+        silent = [layer.name for layer in self.hidden_layers if layer.name not in self._fired]
+        if silent:
+            hints = [
+                f"`{name}` (nn.MultiheadAttention applies it functionally: watch `{self._functional[name]}`)"
+                if name in self._functional
+                else f"`{name}`"
+                for name in silent
+            ]
+            self.problems.report(
+                "never_fired",
+                f"the forward hooks of {', '.join(hints)} never ran (modules called functionally, or not in this "
+                "forward); no statistics for them",
+            )
+        self._fired = set()
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -298,7 +376,8 @@ class NormStatsMonitor(InterpCallback):
     def _release(self) -> None:
         super()._release()
         self._active = self._sampling = False
-        self._pending, self._snapshots, self._samples = {}, {}, {}
+        self._pending, self._snapshots, self._samples, self._fits = {}, {}, {}, {}
+        self._fired = set()
 
     # ---- state
     # -----------------------------------------------------------------------------------------------

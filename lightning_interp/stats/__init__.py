@@ -14,6 +14,8 @@ from lightning_interp.stats.norm_stats import (
     activation_stats,
     divisor_std,
     effective_gain,
+    is_feature_norm,
+    library_norm_sigma,
     norm_layer_stats,
     snapshot_running_stats,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "chain_links",
     "divisor_std",
     "effective_gain",
+    "is_feature_norm",
+    "library_norm_sigma",
     "measured_flow",
     "norm_layer_stats",
     "param_grad_norms",

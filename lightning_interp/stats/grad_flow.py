@@ -25,6 +25,19 @@ Analytic (from the weights, the theory of the backward Jacobian ``prod_i (g_i / 
   one). The nonlinearity's derivative is left out, so this is the weights-and-normalization part of the gain;
 * ``analytic_cum_product`` of layer ``l``: ``||W_out||_2`` times the product of ``analytic_gain`` over the
   layers above ``l``, the counterpart of ``cum_product``.
+
+The analytic product describes a plain chain ``H_l = Norm(W_l H_{l-1})``. Across a residual block ``h_{l+1} = h_l
++ F(h_l)`` (transformer layers, ResNet blocks) the Jacobian is ``I + dF/dh``: the identity path, which carries
+much of the gradient at initialization, is in no weight, so ``prod ||W|| g / sigma`` predicts nothing there and
+callers leave it out on models with repeated blocks. What stays meaningful per block:
+
+* ``grad_norm`` of the block's output (the residual stream after block ``l``), its ``backward_gain`` and
+  ``cum_product``, measured as above; a sequence output ``(B, T, D)`` has one norm per example over all ``T * D``
+  values;
+* :func:`module_param_grad_norms`: the norm of the gradients of every parameter inside the block (recursive), the
+  quantity Xiong et al. (2020) compare between Post-LN and Pre-LN transformers;
+* the effective gains ``g / sigma`` of the normalization layers inside it
+  (:func:`lightning_interp.stats.norm_stats.effective_gain`).
 """
 
 from __future__ import annotations
@@ -36,7 +49,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_interp.layers import NORMALIZATIONS, named_submodules
+from lightning_interp.layers import (
+    WEIGHT_LAYERS,
+    called_functionally,
+    is_normalization,
+    is_weight_layer,
+    named_submodules,
+)
 
 __all__ = [
     "WEIGHT_LAYERS",
@@ -48,9 +67,8 @@ __all__ = [
     "ChainLink",
     "chain_links",
     "param_grad_norms",
+    "module_param_grad_norms",
 ]
-
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def per_example_grad_norm(grad: torch.Tensor) -> torch.Tensor:
@@ -126,13 +144,23 @@ def _ratio(a: float | None, b: float | None) -> float:
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """A weight layer's matrix: Linear ``(out, in)``; conv ``(out, in*k...)`` (the reshaped kernel).
+    """A weight layer's matrix, ``(out, in)``: Linear as stored; conv ``(out, in*k...)`` (the reshaped kernel);
+    Hugging Face's ``Conv1D`` (GPT-2's linear layer, ``y = x @ weight + bias``, weight stored ``(in, out)``)
+    transposed.
 
     Example:
         >>> tuple(weight_matrix(nn.Conv2d(3, 8, 5)).shape)
         (8, 75)
+        >>> class Conv1D(nn.Module):  # the layout of transformers.pytorch_utils.Conv1D
+        ...     def __init__(self, nf, nx):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.zeros(nx, nf))
+        >>> tuple(weight_matrix(Conv1D(nf=8, nx=3)).shape)
+        (8, 3)
     """
     weight = module.weight.detach()
+    if not isinstance(module, WEIGHT_LAYERS) and is_weight_layer(module):  # Conv1D: (in, out)
+        return weight.T
     return weight.reshape(weight.shape[0], -1)
 
 
@@ -217,7 +245,10 @@ def chain_links(
     For each hidden layer, the first weight layer registered after the previous hidden layer, and the first
     normalization registered after that weight layer (before the hidden layer). Also returns the output weight
     layer: the last weight layer registered after the last hidden layer. A plain chain is assumed; residual
-    branches (a ResNet's shortcut) are not on the chain and are ignored.
+    branches (a ResNet's shortcut) are not on the chain and are ignored. Weight layers are recognised by role
+    (:func:`~lightning_interp.layers.is_weight_layer`: Hugging Face's ``Conv1D`` too), normalizations likewise;
+    a ``nn.MultiheadAttention``'s ``out_proj``, which is applied functionally (its hooks never run), is never
+    chosen.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
@@ -229,7 +260,8 @@ def chain_links(
     hidden = list(hidden)
     order = named_submodules(model)
     position = {name: i for i, (name, _) in enumerate(order)}
-    norm_types = NORMALIZATIONS + tuple(extra_norm_types)
+    functional = called_functionally(model)
+    weights = {n for n, m in order if is_weight_layer(m) and n not in functional}
     links: list[ChainLink] = []
     start = 0
     for name in hidden:
@@ -239,15 +271,15 @@ def chain_links(
             continue
         weight = norm = None
         for n, m in order[start:end]:
-            if weight is None and isinstance(m, WEIGHT_LAYERS):
+            if weight is None and n in weights:
                 weight = n
-            elif weight is not None and norm is None and isinstance(m, norm_types):
+            elif weight is not None and norm is None and is_normalization(m, extra_norm_types):
                 norm = n
         links.append(ChainLink(name, weight, norm))
         # skip the hidden module's own children (a hidden layer may be a block)
         start = end + 1 + sum(1 for n, _ in order if n.startswith(name + "."))
     last = max((position[n] for n in hidden if n in position), default=-1)
-    after = [n for n, m in order[last + 1 :] if isinstance(m, WEIGHT_LAYERS)]
+    after = [n for n, _ in order[last + 1 :] if n in weights]
     return links, (after[-1] if after else None)
 
 
@@ -274,4 +306,39 @@ def param_grad_norms(model: nn.Module) -> dict[str, torch.Tensor]:
         out[name or "model"] = square.sqrt()
     if squares:
         out["total"] = torch.stack(squares).sum().sqrt()
+    return out
+
+
+def module_param_grad_norms(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """L2 norm of the gradients of *all* parameters inside each named module (recursive: a transformer block's
+    attention, MLP and norms together), plus ``total`` over the whole model. A parameter shared between modules
+    counts once per module and once in ``total``. Modules without parameter gradients are left out; every norm
+    is a 0-dim float32 tensor.
+
+    Example:
+        >>> net = nn.Sequential(nn.Sequential(nn.Linear(2, 1), nn.Linear(1, 1)), nn.Linear(1, 1))
+        >>> with torch.no_grad():
+        ...     _ = net[0][1].weight.fill_(1.0)
+        >>> net(torch.tensor([[3.0, 4.0]])).sum().backward()
+        >>> norms = module_param_grad_norms(net, ["0", "1"])
+        >>> sorted(norms), bool(norms["total"] ** 2 - norms["0"] ** 2 - norms["1"] ** 2 < 1e-5)
+        (['0', '1', 'total'], True)
+    """
+    squares: dict[int, torch.Tensor] = {}
+
+    def square(p: nn.Parameter) -> torch.Tensor:
+        if id(p) not in squares:  # one fused reduction per gradient, reused by every group holding it
+            squares[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
+        return squares[id(p)]
+
+    modules = dict(named_submodules(model))
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        module = modules.get(name)
+        grads = [square(p) for p in module.parameters() if p.grad is not None] if module is not None else []
+        if grads:
+            out[name] = torch.stack(grads).sum().sqrt()
+    every = [square(p) for p in model.parameters() if p.grad is not None]
+    if every:
+        out["total"] = torch.stack(every).sum().sqrt()
     return out

@@ -11,10 +11,19 @@ Definitions (``x`` the layer input, ``y`` its output, statistics over every elem
 * ``effective_gain``: the mean over examples and features of ``|gamma| / sigma``, where ``sigma`` is the
   standard deviation the layer *actually divides by* on this forward: BatchNorm in train mode (or without
   running statistics) the biased batch variance per channel; BatchNorm in eval mode its running variance;
-  LayerNorm one sigma per example over ``normalized_shape``; GroupNorm one per example and group; InstanceNorm
-  one per example and channel (running statistics in eval mode when it tracks them); RMSNorm the root mean
-  square per example. ``sigma = sqrt(var + eps)`` with the layer's own ``eps``; a layer without affine
-  parameters has ``gamma = 1``.
+  LayerNorm one sigma per example (per token for a sequence ``(B, T, D)``) over ``normalized_shape``; GroupNorm
+  one per example and group; InstanceNorm one per example and channel (running statistics in eval mode when it
+  tracks them); RMSNorm the root mean square per example or token, without mean subtraction. ``sigma = sqrt(var
+  + eps)`` with the layer's own ``eps``; a layer without affine parameters has ``gamma = 1``.
+* Library normalization classes (:func:`~lightning_interp.layers.is_normalization`: a class named ``*RMSNorm``
+  or ``*LayerNorm`` with a ``weight``, such as Hugging Face's ``LlamaRMSNorm`` and ``T5LayerNorm``) normalize
+  over the trailing dimensions shaped like their weight (or dimension 1, channels-first), with the epsilon in
+  their ``eps`` or ``variance_epsilon`` attribute (``1e-6`` for ``*RMSNorm``, ``1e-5`` for ``*LayerNorm`` when
+  they have neither). A ``*RMSNorm`` divides by the root mean square. A ``*LayerNorm`` may subtract the mean or
+  not (``T5LayerNorm`` does not, despite its name): given the layer's output, the sigma is the one whose
+  ``gamma * x_hat (+ bias)`` reproduces it (:func:`library_norm_sigma`); the relative error of that fit is
+  reported, and callers treat a layer that fits neither form (above :data:`FIT_TOLERANCE`: Gemma's ``(1 +
+  weight)`` scale, say) as of unknown gain. Without the output a ``*LayerNorm`` is taken to subtract the mean.
 * BatchNorm only: ``running_mean_dist``, the mean over channels of ``|batch_mean - running_mean| /
   sqrt(running_var + eps)`` (how many running standard deviations the batch mean is away), and
   ``running_std_ratio``, the mean over channels of ``batch_std / running_std``. Both are 0 and 1 when the
@@ -38,6 +47,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FIT_TOLERANCE",
+    "library_norm_sigma",
+    "is_feature_norm",
     "TANH_SATURATION",
     "SIGMOID_SATURATION",
     "SATURATING_TANH",
@@ -58,6 +70,12 @@ SIGMOID_SATURATION = 0.01
 SATURATING_TANH: tuple[type[nn.Module], ...] = (nn.Tanh, nn.Hardtanh, nn.Softsign)
 SATURATING_SIGMOID: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 RELU_LIKE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+FIT_TOLERANCE = 1e-2
+"""A library normalization whose output differs from ``gamma * x_hat (+ bias)`` by more than this (mean absolute
+error relative to the mean absolute output) is not the assumed form: its effective gain is unknown."""
+
+_TORCH_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCENORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -111,14 +129,18 @@ def divisor_std(
     x: torch.Tensor,
     running: tuple[torch.Tensor, torch.Tensor] | None = None,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output: torch.Tensor | None = None,
+    diagnostics: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The standard deviation(s) ``sqrt(var + eps)`` that ``module`` divides ``x`` by, shaped to broadcast
     against the layer's per-feature ``gamma`` after a leading batch dimension; ``None`` for unknown layer
     types.
 
     Shapes: BatchNorm ``(C,)``; InstanceNorm ``(N, C)``; LayerNorm and RMSNorm ``(N, 1, ..., 1)`` (one per
-    example); GroupNorm ``(N, C)`` (each channel gets its group's sigma). ``running`` overrides the module's
-    running statistics (pass the pre-forward snapshot).
+    example; ``(B, T, 1)`` for a sequence); GroupNorm ``(N, C)`` (each channel gets its group's sigma); library
+    ``*LayerNorm``/``*RMSNorm`` classes as LayerNorm (see :func:`library_norm_sigma`, which ``output`` and
+    ``diagnostics`` are handed to). ``running`` overrides the module's running statistics (pass the pre-forward
+    snapshot).
 
     Example:
         >>> bn = nn.BatchNorm1d(2, eps=0.0)
@@ -150,7 +172,110 @@ def divisor_std(
         n, c, groups = x.shape[0], x.shape[1], module.num_groups
         sigma = (x.reshape(n, groups, -1).var(dim=2, correction=0) + eps).sqrt()
         return sigma.repeat_interleave(c // groups, dim=1)
+    if _library_kind(module) is not None:
+        found = library_norm_sigma(module, x, output)
+        if found is None:
+            return None
+        sigma, fit_error = found
+        if diagnostics is not None and fit_error is not None:
+            diagnostics["fit_error"] = fit_error
+        return sigma
     return None
+
+
+def _library_kind(module: nn.Module) -> str | None:
+    """``"rms"`` for a ``*RMSNorm`` class, ``"layer"`` for a ``*LayerNorm`` class (mean subtraction undecided),
+    ``None`` otherwise or for torch's own classes (handled exactly by type)."""
+    if isinstance(module, _TORCH_NORMS + _BATCHNORMS + _INSTANCENORMS):
+        return None
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    name = type(module).__name__
+    if name.endswith("RMSNorm"):
+        return "rms"
+    if name.endswith("LayerNorm"):
+        return "layer"
+    return None
+
+
+def is_feature_norm(module: nn.Module) -> bool:
+    """Whether ``module`` normalizes each example's (each token's) features: ``nn.LayerNorm``, ``nn.RMSNorm``, or a
+    library ``*LayerNorm``/``*RMSNorm`` class with a weight. Their sigma is one reduction over the feature
+    dimensions; BatchNorm's and GroupNorm's need passes over whole conv maps.
+
+    Example:
+        >>> is_feature_norm(nn.LayerNorm(4)), is_feature_norm(nn.BatchNorm2d(4))
+        (True, False)
+    """
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or _library_kind(module) is not None
+
+
+def _library_eps(module: nn.Module, default: float) -> float:
+    for attribute in ("eps", "variance_epsilon"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return default
+
+
+def library_norm_sigma(
+    module: nn.Module, x: torch.Tensor, output: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The sigma a library ``*LayerNorm``/``*RMSNorm`` class divides ``x`` by, shaped ``(N, ..., 1)`` to broadcast
+    against ``x``, and the relative error with which ``gamma * x_hat (+ bias)`` reproduces ``output`` (``None``
+    without ``output``); ``None`` when ``x`` has no dimensions shaped like the weight.
+
+    The normalized dimensions are the trailing ones shaped like ``weight`` (``(B, T, D)`` with weight ``(D,)``:
+    one sigma per token), else dimension 1 (channels-first layouts such as ConvNeXt's ``LayerNorm``). A
+    ``*RMSNorm`` uses ``sqrt(mean(x**2) + eps)``. A ``*LayerNorm`` uses ``sqrt(var(x) + eps)`` after subtracting
+    the mean, or the root mean square when that is what reproduces ``output`` (``T5LayerNorm``); the choice is
+    made on the device, without a host synchronisation.
+
+    Example:
+        >>> class T5LayerNorm(nn.Module):  # scale only, no mean subtraction, as in Hugging Face's T5
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), 0.0
+        ...     def forward(self, x):
+        ...         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        >>> norm, x = T5LayerNorm(2), torch.tensor([[3.0, 5.0]])
+        >>> sigma, error = library_norm_sigma(norm, x, norm(x))
+        >>> round(float(sigma), 4), float(error) < 1e-6  # sqrt((9 + 25) / 2), not the std 1.0
+        (4.1231, True)
+    """
+    kind = _library_kind(module)
+    weight = getattr(module, "weight", None)
+    if kind is None or not isinstance(weight, torch.Tensor):
+        return None
+    x = x.detach().float()
+    shape = tuple(weight.shape)
+    if x.dim() >= len(shape) and tuple(x.shape[x.dim() - len(shape) :]) == shape:
+        dims = tuple(range(x.dim() - len(shape), x.dim()))
+        view = shape
+    elif len(shape) == 1 and x.dim() >= 2 and x.shape[1] == shape[0]:
+        dims = (1,)
+        view = (shape[0],) + (1,) * (x.dim() - 2)
+    else:
+        return None
+    eps = _library_eps(module, 1e-6 if kind == "rms" else 1e-5)
+    rms = (x.square().mean(dim=dims, keepdim=True) + eps).sqrt()
+    if kind == "rms" and output is None:
+        return rms, None
+    mean = x.mean(dim=dims, keepdim=True)
+    std = ((x - mean).square().mean(dim=dims, keepdim=True) + eps).sqrt()
+    if output is None:
+        return std, None
+    gamma = weight.detach().float().reshape(view)
+    bias = getattr(module, "bias", None)
+    beta = bias.detach().float().reshape(view) if isinstance(bias, torch.Tensor) else 0.0
+    y = output.detach().float()
+    scale = y.abs().mean().clamp_min(1e-12)
+    rms_error = (y - (gamma * x / rms + beta)).abs().mean() / scale
+    if kind == "rms":
+        return rms, rms_error
+    std_error = (y - (gamma * (x - mean) / std + beta)).abs().mean() / scale
+    centred = std_error <= rms_error
+    return torch.where(centred, std, rms), torch.minimum(std_error, rms_error)
 
 
 def effective_gain(
@@ -158,9 +283,13 @@ def effective_gain(
     x: torch.Tensor,
     running: tuple[torch.Tensor, torch.Tensor] | None = None,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output: torch.Tensor | None = None,
+    diagnostics: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Mean of ``|gamma| / sigma`` over examples and features: the factor ``g / sigma`` by which the layer
-    scales (forward and backward) its centred input. ``nan`` for an unknown layer type.
+    """Mean of ``|gamma| / sigma`` over examples (tokens) and features: the factor ``g / sigma`` by which the
+    layer scales (forward and backward) its centred input, eq. 1.10's ``g_l / sigma_l``. ``nan`` for an unknown
+    layer type. ``output`` (the layer's output on this forward) settles how a library ``*LayerNorm`` normalizes;
+    ``diagnostics`` receives its ``fit_error`` (see :func:`library_norm_sigma`).
 
     Example:
         >>> ln = nn.LayerNorm(2, eps=0.0)
@@ -169,14 +298,14 @@ def effective_gain(
         >>> float(effective_gain(ln, torch.tensor([[0.0, 2.0], [0.0, 4.0]])))  # mean(3/1, 3/2)
         2.25
     """
-    sigma = divisor_std(module, x, running, moments)
+    sigma = divisor_std(module, x, running, moments, output, diagnostics)
     if sigma is None:
         return torch.tensor(float("nan"), device=x.device)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return sigma.reciprocal().mean()
     gamma = weight.detach().float().abs()
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or _library_kind(module) is not None:
         # sigma (N, 1, ..., 1) against gamma (normalized_shape): independent, so the mean factorises
         return gamma.mean() * sigma.reciprocal().mean()
     if isinstance(module, _BATCHNORMS):
@@ -189,6 +318,7 @@ def norm_layer_stats(
     x: torch.Tensor,
     y: torch.Tensor,
     running: tuple[torch.Tensor, torch.Tensor] | None = None,
+    diagnostics: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every statistic of one normalization layer on one forward (see the module docstring for definitions).
 
@@ -199,6 +329,7 @@ def norm_layer_stats(
         running: BatchNorm's ``(running_mean, running_var)`` from *before* the forward
             (:func:`snapshot_running_stats` in a forward-pre hook); the module's current buffers when
             ``None``.
+        diagnostics: receives a library normalization's ``fit_error`` (:func:`library_norm_sigma`).
 
     Example:
         >>> bn = nn.BatchNorm1d(2).train()
@@ -224,7 +355,7 @@ def norm_layer_stats(
         stats["gamma_abs_mean"] = weight.detach().float().abs().mean()
     if isinstance(bias, torch.Tensor):
         stats["beta_mean"] = bias.detach().float().mean()
-    stats["effective_gain"] = effective_gain(module, xf, running, moments)
+    stats["effective_gain"] = effective_gain(module, xf, running, moments, yf, diagnostics)
     if is_bn:
         run = running or snapshot_running_stats(module)
         if run is not None:
