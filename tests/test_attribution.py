@@ -28,9 +28,11 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
-def _trained_like(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights and non-trivial BatchNorm running statistics, then eval mode."""
+def _trained_like(make_model, seed: int) -> nn.Module:  # type: ignore[no-untyped-def]
+    """Random weights drawn after seeding (not in whatever state earlier tests left the global RNG) and non-trivial
+    BatchNorm running statistics, then eval mode."""
     torch.manual_seed(seed)
+    model = make_model()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -43,12 +45,12 @@ def _trained_like(model: nn.Module, seed: int) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def cnn() -> nn.Module:
-    return _trained_like(DigitsCNN(norm="batch", dropout=0.3), 0)
+    return _trained_like(lambda: DigitsCNN(norm="batch", dropout=0.3), 0)
 
 
 @pytest.fixture(scope="module")
 def mlp() -> nn.Module:
-    return _trained_like(DeepMLP(depth=3, width=32, norm="batch", activation="relu"), 1)
+    return _trained_like(lambda: DeepMLP(depth=3, width=32, norm="batch", activation="relu"), 1)
 
 
 @pytest.fixture(scope="module")
