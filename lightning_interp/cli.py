@@ -1,4 +1,4 @@
-"""Command line: ``lightning-interp demo`` and ``lightning-interp compare RUNS_DIR``."""
+"""Command line: ``lightning-interp demo [--model cnn|transformer]`` and ``lightning-interp compare RUNS_DIR``."""
 
 from __future__ import annotations
 
@@ -9,13 +9,24 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "demo", "VARIANTS"]
+__all__ = ["main", "demo", "MODELS", "VARIANTS", "TRANSFORMER_VARIANTS", "TRANSFORMER_DIR"]
+
+MODELS = ("cnn", "transformer")
 
 # run directory name -> DigitsCNN(norm=...)
 VARIANTS: dict[str, str] = {"batchnorm": "batch", "layernorm": "layer", "groupnorm": "group", "none": "none"}
 _ALIASES = {"batch": "batchnorm", "bn": "batchnorm", "layer": "layernorm", "ln": "layernorm", "group": "groupnorm",
             "gn": "groupnorm", "nonorm": "none", "no": "none"}  # fmt: skip
 DEFAULT_VARIANTS = ("batchnorm", "layernorm", "none")
+
+# run directory name -> DigitsTransformer(norm=...); the runs go to <out>/transformer/<variant>
+TRANSFORMER_VARIANTS: dict[str, str] = {"postln": "postln", "preln": "preln", "rmsnorm": "rmsnorm", "none": "none"}
+_TRANSFORMER_ALIASES = {"post": "postln", "post-ln": "postln", "pre": "preln", "pre-ln": "preln", "rms": "rmsnorm",
+                        "pre-rmsnorm": "rmsnorm", "nonorm": "none", "no": "none"}  # fmt: skip
+DEFAULT_TRANSFORMER_VARIANTS = ("postln", "preln", "rmsnorm", "none")
+TRANSFORMER_DIR = "transformer"
+
+DEFAULT_EPOCHS = {"cnn": 10, "transformer": 10}
 
 # every callback the package offers, with the demo's settings; a callback not present in this version is skipped
 _DEMO_CALLBACKS: tuple[tuple[str, dict], ...] = (
@@ -27,10 +38,13 @@ _DEMO_CALLBACKS: tuple[tuple[str, dict], ...] = (
 )
 
 
-def _variant(name: str) -> str:
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in VARIANTS:
-        raise argparse.ArgumentTypeError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+def _variant(name: str, model: str = "cnn") -> str:
+    variants, aliases = (TRANSFORMER_VARIANTS, _TRANSFORMER_ALIASES) if model == "transformer" else (VARIANTS, _ALIASES)
+    key = aliases.get(name.strip().lower(), name.strip().lower())
+    if key not in variants:
+        raise argparse.ArgumentTypeError(
+            f"unknown {model} variant {name!r}; choose from {', '.join(variants)}"
+        )
     return key
 
 
@@ -40,12 +54,17 @@ def demo_callbacks() -> list:
     return [getattr(module, name)(**kwargs) for name, kwargs in _DEMO_CALLBACKS if hasattr(module, name)]
 
 
-def demo(epochs: int = 10, out: str | Path = "runs", variants: Sequence[str] = DEFAULT_VARIANTS, seed: int = 0,
-         progress_bar: bool = True) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Train the digits CNN once per normalization variant with every callback attached; returns the final
+def demo(epochs: int | None = None, out: str | Path = "runs", variants: Sequence[str] | None = None, seed: int = 0,
+         progress_bar: bool = True, model: str = "cnn") -> dict[str, dict[str, float]]:  # fmt: skip
+    """Train a digits model once per normalization variant with every callback attached; returns the final
     validation probe accuracy per variant and layer.
 
-    Each variant is a ``TensorBoardLogger`` run in ``out/<variant>``. Training takes seconds per variant and
+    ``model="cnn"`` (default): ``DigitsCNN`` with BatchNorm / LayerNorm / GroupNorm / none, each a
+    ``TensorBoardLogger`` run in ``out/<variant>``. ``model="transformer"``: ``DigitsTransformer`` (8 row tokens,
+    8 blocks) with Post-LN / Pre-LN / Pre-RMSNorm / none, each in ``out/transformer/<variant>``, trained with one
+    intra-op thread (its 64-wide matrix products gain nothing from a second thread, and lose up to 30x on a
+    shared 2-core machine; the thread count is restored afterwards). ``epochs=None`` takes the model's default
+    (:data:`DEFAULT_EPOCHS`), ``variants=None`` its default variants. Training takes seconds per variant and
     epoch, too slow for a docstring; ``demo(epochs=1, out=tmp, variants=["none"])`` returns e.g.
     ``{"none": {"input": 0.89, "net.relu1": 0.86, ..., "net.relu4": 0.11}}``. What it attaches and trains:
 
@@ -54,36 +73,59 @@ def demo(epochs: int = 10, out: str | Path = "runs", variants: Sequence[str] = D
         ['LinearProbeMonitor', 'NormStatsMonitor', 'GradFlowMonitor', 'SaliencyMonitor', 'RepresenterMonitor']
         >>> {variant: VARIANTS[variant] for variant in DEFAULT_VARIANTS}  # run folder -> DigitsCNN(norm=...)
         {'batchnorm': 'batch', 'layernorm': 'layer', 'none': 'none'}
+        >>> list(DEFAULT_TRANSFORMER_VARIANTS)  # run folder transformer/<variant> -> DigitsTransformer(norm=...)
+        ['postln', 'preln', 'rmsnorm', 'none']
     """
     import lightning as L
+    import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_interp.callbacks import LinearProbeMonitor
     from lightning_interp.data import DigitsDataModule
-    from lightning_interp.models import DigitsCNN
+    from lightning_interp.models import DigitsCNN, DigitsTransformer
 
-    out = Path(out)
+    if model not in MODELS:
+        raise ValueError(f"Expected argument `model` to be one of {list(MODELS)}, but got {model!r}.")
+    transformer = model == "transformer"
+    epochs = DEFAULT_EPOCHS[model] if epochs is None else epochs
+    if variants is None:
+        variants = DEFAULT_TRANSFORMER_VARIANTS if transformer else DEFAULT_VARIANTS
+    variants = [_variant(v, model) for v in variants]
+    root = Path(out) / TRANSFORMER_DIR if transformer else Path(out)
+    threads = torch.get_num_threads()
     results: dict[str, dict[str, float]] = {}
-    for variant in variants:
-        start = time.perf_counter()
-        print(f"\n== {variant}: DigitsCNN(norm={VARIANTS[variant]!r}), {epochs} epochs -> {out / variant}")
-        L.seed_everything(seed, verbose=False)
-        callbacks = demo_callbacks()
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            logger=TensorBoardLogger(save_dir=str(out), name=variant, version="", default_hp_metric=False),
-            callbacks=callbacks,
-            enable_checkpointing=False,
-            enable_progress_bar=progress_bar,
-            enable_model_summary=False,
-            log_every_n_steps=5,
-        )
-        trainer.fit(DigitsCNN(norm=VARIANTS[variant]), datamodule=DigitsDataModule(seed=seed))
-        probe = next(cb for cb in callbacks if isinstance(cb, LinearProbeMonitor))
-        results[variant] = {layer: values[-1] for layer, values in probe.history["val"].items() if values}
-        val_acc = trainer.callback_metrics.get("val_acc")
-        print(f"   done in {time.perf_counter() - start:.1f} s, val_acc {float(val_acc):.3f}" if val_acc is not None else "")
+    try:
+        if transformer:
+            torch.set_num_threads(1)
+        for variant in variants:
+            start = time.perf_counter()
+            L.seed_everything(seed, verbose=False)
+            if transformer:
+                network = DigitsTransformer(norm=TRANSFORMER_VARIANTS[variant])
+                described = f"DigitsTransformer(norm={variant!r}, depth={network.hparams.depth})"
+            else:
+                network = DigitsCNN(norm=VARIANTS[variant])
+                described = f"DigitsCNN(norm={VARIANTS[variant]!r})"
+            print(f"\n== {variant}: {described}, {epochs} epochs -> {root / variant}")
+            callbacks = demo_callbacks()
+            trainer = L.Trainer(
+                max_epochs=epochs,
+                accelerator="cpu",
+                logger=TensorBoardLogger(save_dir=str(root), name=variant, version="", default_hp_metric=False),
+                callbacks=callbacks,
+                enable_checkpointing=False,
+                enable_progress_bar=progress_bar,
+                enable_model_summary=False,
+                log_every_n_steps=5,
+            )
+            trainer.fit(network, datamodule=DigitsDataModule(seed=seed))
+            probe = next(cb for cb in callbacks if isinstance(cb, LinearProbeMonitor))
+            results[variant] = {layer: values[-1] for layer, values in probe.history["val"].items() if values}
+            val_acc = trainer.callback_metrics.get("val_acc")
+            seconds = time.perf_counter() - start
+            print(f"   done in {seconds:.1f} s, val_acc {float(val_acc):.3f}" if val_acc is not None else "")
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 
@@ -99,12 +141,12 @@ def probe_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _compare(runs_dir: str) -> str | None:
+def _compare(runs_dir: str | Path, exclude: Sequence[str] = ()) -> str | None:
     try:
         compare = importlib.import_module("lightning_interp.compare")
     except ImportError:
         return None
-    return compare.compare_command(runs_dir)
+    return compare.compare_command(runs_dir, exclude=exclude)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ...     print("exit status", exit.code)
         exit status 2
         >>> try:  # doctest: +ELLIPSIS
+        ...     main(["demo", "--model", "transformer", "--variants", "batchnorm"])  # a CNN variant
+        ... except SystemExit as exit:
+        ...     print("exit status", exit.code)
+        exit status 2
+        >>> try:  # doctest: +ELLIPSIS
         ...     main(["--help"])
         ... except SystemExit as exit:
         ...     print("exit status", exit.code)
@@ -142,14 +189,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="lightning-interp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="train the digits CNN with BatchNorm, LayerNorm and no normalization")
-    p_demo.add_argument("--epochs", type=int, default=10, help="epochs per variant (default 10)")
-    p_demo.add_argument("--out", default="runs", help="TensorBoard log directory (default runs/)")
+    p_demo = sub.add_parser(
+        "demo",
+        help="train the digits CNN (BatchNorm, LayerNorm, none) or, with --model transformer, the digits "
+        "transformer (Post-LN, Pre-LN, Pre-RMSNorm, none) with every callback attached",
+    )
+    p_demo.add_argument("--model", choices=MODELS, default="cnn", help="which digits model to train (default cnn)")
+    p_demo.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs per variant (default {DEFAULT_EPOCHS['cnn']} for the CNN, "
+        f"{DEFAULT_EPOCHS['transformer']} for the transformer)",
+    )
+    p_demo.add_argument(
+        "--out",
+        default="runs",
+        help=f"TensorBoard log directory (default runs/); the transformer's runs go to OUT/{TRANSFORMER_DIR}/",
+    )
     p_demo.add_argument(
         "--variants",
-        type=lambda s: [_variant(v) for v in s.split(",") if v.strip()],
-        default=list(DEFAULT_VARIANTS),
-        help=f"comma-separated subset of {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})",
+        type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+        default=None,
+        help=f"comma-separated subset of {','.join(VARIANTS)} for the CNN (default {','.join(DEFAULT_VARIANTS)}), "
+        f"of {','.join(TRANSFORMER_VARIANTS)} for the transformer (default all four)",
     )
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress-bar", action="store_true")
@@ -165,19 +228,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report)
         return 0
 
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    try:
+        variants = [_variant(v, args.model) for v in args.variants] if args.variants is not None else None
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --variants: {err}")
+    if variants == []:
+        parser.error("argument --variants: name at least one variant")
     start = time.perf_counter()
-    results = demo(args.epochs, args.out, args.variants, args.seed, not args.no_progress_bar)
+    results = demo(args.epochs, args.out, variants, args.seed, not args.no_progress_bar, model=args.model)
     print("\nFinal validation accuracy of a linear probe on each layer:\n")
     print(probe_table(results))
-    report = _compare(args.out)
+    if args.model == "transformer":
+        logdir = Path(args.out) / TRANSFORMER_DIR
+        report = _compare(logdir)
+    else:  # the transformer demo's runs under OUT/transformer/ are not part of the CNN comparison
+        logdir = Path(args.out)
+        report = _compare(logdir, exclude=(TRANSFORMER_DIR,))
     if report:
         print("\n" + report)
     print(f"\nAll variants done in {time.perf_counter() - start:.0f} s. Look at them with:\n")
-    print(f"    tensorboard --logdir {args.out} --samples_per_plugin images=200\n")
+    print(f"    tensorboard --logdir {logdir} --samples_per_plugin images=200\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
