@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "demo", "MODELS", "VARIANTS", "TRANSFORMER_VARIANTS", "TRANSFORMER_DIR"]
+__all__ = ["main", "demo", "MODELS", "VARIANTS", "TRANSFORMER_VARIANTS", "TRANSFORMER_DIR", "TRANSFORMER_DEMO_SETTINGS"]
 
 MODELS = ("cnn", "transformer")
 
@@ -26,7 +26,10 @@ _TRANSFORMER_ALIASES = {"post": "postln", "post-ln": "postln", "pre": "preln", "
 DEFAULT_TRANSFORMER_VARIANTS = ("postln", "preln", "rmsnorm", "none")
 TRANSFORMER_DIR = "transformer"
 
-DEFAULT_EPOCHS = {"cnn": 10, "transformer": 10}
+DEFAULT_EPOCHS = {"cnn": 10, "transformer": 8}
+# the transformer demo's settings, the same for every variant: 12 blocks, the CNN demo's learning rate (3e-3), and no
+# warm-up (the question of Xiong et al. 2020: which placements train without one)
+TRANSFORMER_DEMO_SETTINGS: dict[str, int | float] = {"depth": 12, "lr": 3e-3}
 
 # every callback the package offers, with the demo's settings; a callback not present in this version is skipped
 _DEMO_CALLBACKS: tuple[tuple[str, dict], ...] = (
@@ -54,16 +57,66 @@ def demo_callbacks() -> list:
     return [getattr(module, name)(**kwargs) for name, kwargs in _DEMO_CALLBACKS if hasattr(module, name)]
 
 
+def _model_settings(model: str, variant: str, warmup_steps: int) -> tuple[str, dict[str, object]]:
+    """The model class's name and keyword arguments for one variant of the demo."""
+    if model == "transformer":
+        return "DigitsTransformer", {"norm": TRANSFORMER_VARIANTS[variant], **TRANSFORMER_DEMO_SETTINGS,
+                                     "warmup_steps": warmup_steps}  # fmt: skip
+    return "DigitsCNN", {"norm": VARIANTS[variant]}
+
+
+def _train_variant(
+    model: str, variant: str, epochs: int, root: str, seed: int, progress_bar: bool, warmup_steps: int,
+    threads: int | None,
+) -> tuple[dict[str, float], float | None, float]:  # fmt: skip
+    """Train one variant with every callback attached, with ``threads`` intra-op threads (``None``: as they are);
+    returns the final validation probe accuracy per layer, ``val_acc`` and the seconds it took."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_interp import models
+    from lightning_interp.callbacks import LinearProbeMonitor
+    from lightning_interp.data import DigitsDataModule
+
+    start = time.perf_counter()
+    previous = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        L.seed_everything(seed, verbose=False)
+        callbacks = demo_callbacks()
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=TensorBoardLogger(save_dir=root, name=variant, version="", default_hp_metric=False),
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=progress_bar,
+            enable_model_summary=False,
+            log_every_n_steps=5,
+        )
+        name, kwargs = _model_settings(model, variant, warmup_steps)
+        trainer.fit(getattr(models, name)(**kwargs), datamodule=DigitsDataModule(seed=seed))  # built after seeding
+    finally:
+        torch.set_num_threads(previous)
+    probe = next(cb for cb in callbacks if isinstance(cb, LinearProbeMonitor))
+    results = {layer: values[-1] for layer, values in probe.history["val"].items() if values}
+    val_acc = trainer.callback_metrics.get("val_acc")
+    return results, (float(val_acc) if val_acc is not None else None), time.perf_counter() - start
+
+
 def demo(epochs: int | None = None, out: str | Path = "runs", variants: Sequence[str] | None = None, seed: int = 0,
-         progress_bar: bool = True, model: str = "cnn") -> dict[str, dict[str, float]]:  # fmt: skip
+         progress_bar: bool = True, model: str = "cnn", warmup_steps: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
     """Train a digits model once per normalization variant with every callback attached; returns the final
     validation probe accuracy per variant and layer.
 
     ``model="cnn"`` (default): ``DigitsCNN`` with BatchNorm / LayerNorm / GroupNorm / none, each a
-    ``TensorBoardLogger`` run in ``out/<variant>``. ``model="transformer"``: ``DigitsTransformer`` (8 row tokens,
-    8 blocks) with Post-LN / Pre-LN / Pre-RMSNorm / none, each in ``out/transformer/<variant>``, trained with one
-    intra-op thread (its 64-wide matrix products gain nothing from a second thread, and lose up to 30x on a
-    shared 2-core machine; the thread count is restored afterwards). ``epochs=None`` takes the model's default
+    ``TensorBoardLogger`` run in ``out/<variant>``. ``model="transformer"``: ``DigitsTransformer`` (8 row tokens)
+    with Post-LN / Pre-LN / Pre-RMSNorm / none and :data:`TRANSFORMER_DEMO_SETTINGS` (12 blocks, learning rate
+    3e-3) plus ``warmup_steps`` (0: none), each in ``out/transformer/<variant>``, trained with one intra-op
+    thread (its 64-wide matrix products gain nothing from a second thread, and lose up to 30x on a shared
+    2-core machine; the thread count is restored afterwards). ``epochs=None`` takes the model's default
     (:data:`DEFAULT_EPOCHS`), ``variants=None`` its default variants. Training takes seconds per variant and
     epoch, too slow for a docstring; ``demo(epochs=1, out=tmp, variants=["none"])`` returns e.g.
     ``{"none": {"input": 0.89, "net.relu1": 0.86, ..., "net.relu4": 0.11}}``. What it attaches and trains:
@@ -76,14 +129,6 @@ def demo(epochs: int | None = None, out: str | Path = "runs", variants: Sequence
         >>> list(DEFAULT_TRANSFORMER_VARIANTS)  # run folder transformer/<variant> -> DigitsTransformer(norm=...)
         ['postln', 'preln', 'rmsnorm', 'none']
     """
-    import lightning as L
-    import torch
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from lightning_interp.callbacks import LinearProbeMonitor
-    from lightning_interp.data import DigitsDataModule
-    from lightning_interp.models import DigitsCNN, DigitsTransformer
-
     if model not in MODELS:
         raise ValueError(f"Expected argument `model` to be one of {list(MODELS)}, but got {model!r}.")
     transformer = model == "transformer"
@@ -92,40 +137,17 @@ def demo(epochs: int | None = None, out: str | Path = "runs", variants: Sequence
         variants = DEFAULT_TRANSFORMER_VARIANTS if transformer else DEFAULT_VARIANTS
     variants = [_variant(v, model) for v in variants]
     root = Path(out) / TRANSFORMER_DIR if transformer else Path(out)
-    threads = torch.get_num_threads()
+    threads = 1 if transformer else None
+
     results: dict[str, dict[str, float]] = {}
-    try:
-        if transformer:
-            torch.set_num_threads(1)
-        for variant in variants:
-            start = time.perf_counter()
-            L.seed_everything(seed, verbose=False)
-            if transformer:
-                network = DigitsTransformer(norm=TRANSFORMER_VARIANTS[variant])
-                described = f"DigitsTransformer(norm={variant!r}, depth={network.hparams.depth})"
-            else:
-                network = DigitsCNN(norm=VARIANTS[variant])
-                described = f"DigitsCNN(norm={VARIANTS[variant]!r})"
-            print(f"\n== {variant}: {described}, {epochs} epochs -> {root / variant}")
-            callbacks = demo_callbacks()
-            trainer = L.Trainer(
-                max_epochs=epochs,
-                accelerator="cpu",
-                logger=TensorBoardLogger(save_dir=str(root), name=variant, version="", default_hp_metric=False),
-                callbacks=callbacks,
-                enable_checkpointing=False,
-                enable_progress_bar=progress_bar,
-                enable_model_summary=False,
-                log_every_n_steps=5,
-            )
-            trainer.fit(network, datamodule=DigitsDataModule(seed=seed))
-            probe = next(cb for cb in callbacks if isinstance(cb, LinearProbeMonitor))
-            results[variant] = {layer: values[-1] for layer, values in probe.history["val"].items() if values}
-            val_acc = trainer.callback_metrics.get("val_acc")
-            seconds = time.perf_counter() - start
-            print(f"   done in {seconds:.1f} s, val_acc {float(val_acc):.3f}" if val_acc is not None else "")
-    finally:
-        torch.set_num_threads(threads)
+    for variant in variants:
+        name, kwargs = _model_settings(model, variant, warmup_steps)
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        print(f"\n== {variant}: {name}({shown}), {epochs} epochs -> {root / variant}")
+        results[variant], val_acc, seconds = _train_variant(
+            model, variant, epochs, str(root), seed, progress_bar, warmup_steps, threads
+        )
+        print(f"   done in {seconds:.1f} s, val_acc {val_acc:.3f}" if val_acc is not None else "")
     return results
 
 
@@ -214,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(VARIANTS)} for the CNN (default {','.join(DEFAULT_VARIANTS)}), "
         f"of {','.join(TRANSFORMER_VARIANTS)} for the transformer (default all four)",
     )
+    p_demo.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="transformer only: linear learning-rate warm-up over this many optimizer steps (default 0: none)",
+    )
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress-bar", action="store_true")
     p_cmp = sub.add_parser("compare", help="side-by-side table of several runs' TensorBoard logs")
@@ -236,8 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --variants: {err}")
     if variants == []:
         parser.error("argument --variants: name at least one variant")
+    if args.warmup_steps < 0 or (args.warmup_steps and args.model != "transformer"):
+        parser.error("--warmup-steps must be >= 0 and is for --model transformer only")
     start = time.perf_counter()
-    results = demo(args.epochs, args.out, variants, args.seed, not args.no_progress_bar, model=args.model)
+    results = demo(args.epochs, args.out, variants, args.seed, not args.no_progress_bar, model=args.model,
+                   warmup_steps=args.warmup_steps)  # fmt: skip
     print("\nFinal validation accuracy of a linear probe on each layer:\n")
     print(probe_table(results))
     if args.model == "transformer":

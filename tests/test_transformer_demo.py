@@ -148,13 +148,13 @@ def test_demo_command_trains_the_transformer_variants(tmp_path, capsys):
     with SummaryWriter(str(tmp_path / "batchnorm")) as writer:
         writer.add_scalar("val_acc", 0.5, 0)
     status = main(["demo", "--model", "transformer", "--epochs", "1", "--variants", "post-ln,none",
-                   "--out", str(tmp_path), "--no-progress-bar"])  # fmt: skip
+                   "--out", str(tmp_path), "--no-progress-bar", "--warmup-steps", "3"])  # fmt: skip
     printed = capsys.readouterr().out
     assert status == 0
-    assert "DigitsTransformer(norm='postln', depth=8)" in printed
-    layers = ["input", "net.embed"] + [f"net.blocks.{i}" for i in range(8)]
+    assert "DigitsTransformer(norm='postln', depth=12, lr=0.003, warmup_steps=3), 1 epochs" in printed
+    layers = ["input", "net.embed"] + [f"net.blocks.{i}" for i in range(12)]
     table = printed[printed.index("| layer | postln | none |") :]
-    assert [line.split(" | ")[0][2:] for line in table.splitlines()[2:12]] == layers
+    assert [line.split(" | ")[0][2:] for line in table.splitlines()[2:16]] == layers
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (postln|none) \| (.*) \|$", printed, re.M)}
     assert set(rows) == {"postln", "none"}  # the compare report, transformer runs only
     assert f"tensorboard --logdir {tmp_path / 'transformer'} " in printed
@@ -167,7 +167,7 @@ def test_demo_command_trains_the_transformer_variants(tmp_path, capsys):
     assert runs[0].mean_effective_gain != runs[0].mean_effective_gain  # no normalization: nan
     assert runs[1].mean_effective_gain > 0
     # the per-layer numbers of the two tables agree
-    probe_rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in table.splitlines()[2:12]}
+    probe_rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in table.splitlines()[2:16]}
     assert [f"{v:.2f}" for v in runs[1].probe_acc.values()] == [f"{float(probe_rows[n]):.2f}" for n in layers]
     assert [run.name for run in compare_runs(tmp_path, exclude=("transformer",))] == ["batchnorm"]
 
