@@ -1,4 +1,5 @@
-"""Command line: ``lightning-interp demo [--model cnn|transformer]`` and ``lightning-interp compare RUNS_DIR``."""
+"""Command line: ``lightning-interp demo [--model cnn|transformer]`` and ``lightning-interp compare
+RUNS_DIR``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "demo", "MODELS", "VARIANTS", "TRANSFORMER_VARIANTS", "TRANSFORMER_DIR", "TRANSFORMER_DEMO_SETTINGS"]
+__all__ = [
+    "main",
+    "demo",
+    "MODELS",
+    "VARIANTS",
+    "TRANSFORMER_VARIANTS",
+    "TRANSFORMER_DIR",
+    "TRANSFORMER_DEMO_SETTINGS",
+]
 
 MODELS = ("cnn", "transformer")
 
@@ -20,15 +29,16 @@ _ALIASES = {"batch": "batchnorm", "bn": "batchnorm", "layer": "layernorm", "ln":
 DEFAULT_VARIANTS = ("batchnorm", "layernorm", "none")
 
 # run directory name -> DigitsTransformer(norm=...); the runs go to <out>/transformer/<variant>
-TRANSFORMER_VARIANTS: dict[str, str] = {"postln": "postln", "preln": "preln", "rmsnorm": "rmsnorm", "none": "none"}
-_TRANSFORMER_ALIASES = {"post": "postln", "post-ln": "postln", "pre": "preln", "pre-ln": "preln", "rms": "rmsnorm",
-                        "pre-rmsnorm": "rmsnorm", "nonorm": "none", "no": "none"}  # fmt: skip
+TRANSFORMER_VARIANTS: dict[str, str] = {v: v for v in ("postln", "preln", "rmsnorm", "none")}
+_TRANSFORMER_ALIASES = {"post": "postln", "post-ln": "postln", "pre": "preln", "pre-ln": "preln",
+                        "rms": "rmsnorm", "pre-rmsnorm": "rmsnorm", "nonorm": "none",
+                        "no": "none"}  # fmt: skip
 DEFAULT_TRANSFORMER_VARIANTS = ("postln", "preln", "rmsnorm", "none")
 TRANSFORMER_DIR = "transformer"
 
 DEFAULT_EPOCHS = {"cnn": 10, "transformer": 8}
-# the transformer demo's settings, the same for every variant: 12 blocks, the CNN demo's learning rate (3e-3), and no
-# warm-up (the question of Xiong et al. 2020: which placements train without one)
+# the transformer demo's settings, the same for every variant: 12 blocks, the CNN demo's learning rate (3e-3),
+# and no warm-up (the question of Xiong et al. 2020: which placements train without one)
 TRANSFORMER_DEMO_SETTINGS: dict[str, int | float] = {"depth": 12, "lr": 3e-3}
 
 # every callback the package offers, with the demo's settings; a callback not present in this version is skipped
@@ -42,7 +52,10 @@ _DEMO_CALLBACKS: tuple[tuple[str, dict], ...] = (
 
 
 def _variant(name: str, model: str = "cnn") -> str:
-    variants, aliases = (TRANSFORMER_VARIANTS, _TRANSFORMER_ALIASES) if model == "transformer" else (VARIANTS, _ALIASES)
+    if model == "transformer":
+        variants, aliases = TRANSFORMER_VARIANTS, _TRANSFORMER_ALIASES
+    else:
+        variants, aliases = VARIANTS, _ALIASES
     key = aliases.get(name.strip().lower(), name.strip().lower())
     if key not in variants:
         raise argparse.ArgumentTypeError(
@@ -69,8 +82,8 @@ def _train_variant(
     model: str, variant: str, epochs: int, root: str, seed: int, progress_bar: bool, warmup_steps: int,
     threads: int | None,
 ) -> tuple[dict[str, float], float | None, float]:  # fmt: skip
-    """Train one variant with every callback attached, with ``threads`` intra-op threads (``None``: as they are);
-    returns the final validation probe accuracy per layer, ``val_acc`` and the seconds it took."""
+    """Train one variant with every callback attached, with ``threads`` intra-op threads (``None``: as they
+    are); returns the final validation probe accuracy per layer, ``val_acc`` and the seconds it took."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -97,7 +110,8 @@ def _train_variant(
             log_every_n_steps=5,
         )
         name, kwargs = _model_settings(model, variant, warmup_steps)
-        trainer.fit(getattr(models, name)(**kwargs), datamodule=DigitsDataModule(seed=seed))  # built after seeding
+        network = getattr(models, name)(**kwargs)  # built after seeding
+        trainer.fit(network, datamodule=DigitsDataModule(seed=seed))
     finally:
         torch.set_num_threads(previous)
     probe = next(cb for cb in callbacks if isinstance(cb, LinearProbeMonitor))
@@ -106,27 +120,35 @@ def _train_variant(
     return results, (float(val_acc) if val_acc is not None else None), time.perf_counter() - start
 
 
-def demo(epochs: int | None = None, out: str | Path = "runs", variants: Sequence[str] | None = None, seed: int = 0,
-         progress_bar: bool = True, model: str = "cnn", warmup_steps: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+def demo(
+    epochs: int | None = None,
+    out: str | Path = "runs",
+    variants: Sequence[str] | None = None,
+    seed: int = 0,
+    progress_bar: bool = True,
+    model: str = "cnn",
+    warmup_steps: int = 0,
+) -> dict[str, dict[str, float]]:
     """Train a digits model once per normalization variant with every callback attached; returns the final
     validation probe accuracy per variant and layer.
 
     ``model="cnn"`` (default): ``DigitsCNN`` with BatchNorm / LayerNorm / GroupNorm / none, each a
-    ``TensorBoardLogger`` run in ``out/<variant>``. ``model="transformer"``: ``DigitsTransformer`` (8 row tokens)
-    with Post-LN / Pre-LN / Pre-RMSNorm / none and :data:`TRANSFORMER_DEMO_SETTINGS` (12 blocks, learning rate
-    3e-3) plus ``warmup_steps`` (0: none), each in ``out/transformer/<variant>``, trained with one intra-op
-    thread (its 64-wide matrix products gain nothing from a second thread, and lose up to 30x on a shared
-    2-core machine; the thread count is restored afterwards). ``epochs=None`` takes the model's default
-    (:data:`DEFAULT_EPOCHS`), ``variants=None`` its default variants. Training takes seconds per variant and
-    epoch, too slow for a docstring; ``demo(epochs=1, out=tmp, variants=["none"])`` returns e.g.
-    ``{"none": {"input": 0.89, "net.relu1": 0.86, ..., "net.relu4": 0.11}}``. What it attaches and trains:
+    ``TensorBoardLogger`` run in ``out/<variant>``. ``model="transformer"``: ``DigitsTransformer`` (8 row
+    tokens) with Post-LN / Pre-LN / Pre-RMSNorm / none and :data:`TRANSFORMER_DEMO_SETTINGS` (12 blocks,
+    learning rate 3e-3) plus ``warmup_steps`` (0: none), each in ``out/transformer/<variant>``, trained with
+    one intra-op thread (a second thread makes its 64-wide steps 1.3x faster on an idle 2-core machine, but
+    30x slower when another process keeps a core busy; the thread count is restored afterwards).
+    ``epochs=None`` takes the model's default (:data:`DEFAULT_EPOCHS`), ``variants=None`` its default
+    variants. Training takes seconds per variant and epoch, too slow for a docstring; ``demo(epochs=1,
+    out=tmp, variants=["none"])`` returns e.g. ``{"none": {"input": 0.89, "net.relu1": 0.86, ...,
+    "net.relu4": 0.11}}``. What it attaches and trains:
 
     Example:
         >>> [type(callback).__name__ for callback in demo_callbacks()]  # attached to every variant's run
         ['LinearProbeMonitor', 'NormStatsMonitor', 'GradFlowMonitor', 'SaliencyMonitor', 'RepresenterMonitor']
         >>> {variant: VARIANTS[variant] for variant in DEFAULT_VARIANTS}  # run folder -> DigitsCNN(norm=...)
         {'batchnorm': 'batch', 'layernorm': 'layer', 'none': 'none'}
-        >>> list(DEFAULT_TRANSFORMER_VARIANTS)  # run folder transformer/<variant> -> DigitsTransformer(norm=...)
+        >>> list(DEFAULT_TRANSFORMER_VARIANTS)  # folder transformer/<variant> -> DigitsTransformer(norm=...)
         ['postln', 'preln', 'rmsnorm', 'none']
     """
     if model not in MODELS:
@@ -216,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train the digits CNN (BatchNorm, LayerNorm, none) or, with --model transformer, the digits "
         "transformer (Post-LN, Pre-LN, Pre-RMSNorm, none) with every callback attached",
     )
-    p_demo.add_argument("--model", choices=MODELS, default="cnn", help="which digits model to train (default cnn)")
+    p_demo.add_argument(
+        "--model", choices=MODELS, default="cnn", help="which digits model to train (default cnn)"
+    )
     p_demo.add_argument(
         "--epochs",
         type=int,
@@ -227,20 +251,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument(
         "--out",
         default="runs",
-        help=f"TensorBoard log directory (default runs/); the transformer's runs go to OUT/{TRANSFORMER_DIR}/",
+        help=f"TensorBoard log directory (default runs/); the transformer's runs go to "
+        f"OUT/{TRANSFORMER_DIR}/",
     )
     p_demo.add_argument(
         "--variants",
         type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
         default=None,
-        help=f"comma-separated subset of {','.join(VARIANTS)} for the CNN (default {','.join(DEFAULT_VARIANTS)}), "
-        f"of {','.join(TRANSFORMER_VARIANTS)} for the transformer (default all four)",
+        help=f"comma-separated subset of {','.join(VARIANTS)} for the CNN (default "
+        f"{','.join(DEFAULT_VARIANTS)}), of {','.join(TRANSFORMER_VARIANTS)} for the transformer "
+        "(default all four)",
     )
     p_demo.add_argument(
         "--warmup-steps",
         type=int,
         default=0,
-        help="transformer only: linear learning-rate warm-up over this many optimizer steps (default 0: none)",
+        help="transformer only: linear learning-rate warm-up over this many optimizer steps "
+        "(default 0: none)",
     )
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress-bar", action="store_true")

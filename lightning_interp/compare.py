@@ -38,7 +38,8 @@ __all__ = [
 
 TARGET_ACCURACY = 0.9
 _VERSION = re.compile(r"^(lightning_logs|version_\d+)$")
-_LAYER_ROW = re.compile(r"^\| \d+ \| `([^`]+)` \|", re.MULTILINE)  # a row of LinearProbeMonitor's probe/layers
+# a row of the table LinearProbeMonitor writes as the text probe/layers: | 0 | `input` | model input |
+_LAYER_ROW = re.compile(r"^\| \d+ \| `([^`]+)` \|", re.MULTILINE)
 
 
 @dataclass
@@ -76,7 +77,8 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
 
 
 def _layer_key(name: str, order: list[str]) -> tuple[int, list[object]]:
-    """Position in the logged layer order (a shared module's ``name@1`` after ``name``), else natural order."""
+    """Position in the logged layer order (a shared module's ``name@1`` after ``name``), else natural
+    order."""
     base, _, call = name.partition("@")
     if base in order:
         return (order.index(base), [call])
@@ -84,8 +86,8 @@ def _layer_key(name: str, order: list[str]) -> tuple[int, list[object]]:
 
 
 def _probe_layer_order(accumulator: Any) -> list[str]:
-    """The layers, in the model's order, of the last ``probe/layers`` text LinearProbeMonitor wrote; ``[]`` when
-    there is none."""
+    """The layers, in the model's order, of the last ``probe/layers`` text LinearProbeMonitor wrote; ``[]``
+    when there is none."""
     tag = "probe/layers/text_summary"
     if tag not in accumulator.Tags().get("tensors", []):
         return []
@@ -101,7 +103,8 @@ def _probe_layer_order(accumulator: Any) -> list[str]:
 
 def find_runs(runs_dir: str | os.PathLike[str], exclude: Sequence[str] = ()) -> dict[str, Path]:
     """``{run name: folder}`` for every folder under ``runs_dir`` holding TensorBoard event files, except the
-    runs named in ``exclude`` and those under a folder named there (``"transformer"`` drops ``transformer/preln``).
+    runs named in ``exclude`` and those under a folder named there (``"transformer"`` drops
+    ``transformer/preln``).
 
     Example:
         >>> import tempfile
@@ -325,8 +328,8 @@ def write_figure(runs: list[RunSummary], path: str | os.PathLike[str]) -> bool:
 
 def compare_command(runs_dir: str | os.PathLike[str], exclude: Sequence[str] = ()) -> str:
     """What ``lightning-interp compare RUNS_DIR`` does: read the runs (but those ``exclude`` names, see
-    :func:`find_runs`), write ``RUNS_DIR/compare.md`` and ``RUNS_DIR/compare.png``, and return the table (with the
-    paths written) as text to print.
+    :func:`find_runs`), write ``RUNS_DIR/compare.md`` and ``RUNS_DIR/compare.png``, and return the table (with
+    the paths written) as text to print.
 
     Example:
         >>> import tempfile

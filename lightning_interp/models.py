@@ -1,6 +1,7 @@
-"""Small reference networks: the digits CNN of the demo, a deep MLP for normalization experiments, a ResNet-18-sized
-CNN for benchmarks (each in BatchNorm / LayerNorm / GroupNorm / no-normalization variants), and the digits
-transformer of the transformer demo (Post-LN / Pre-LN / Pre-RMSNorm / no-normalization variants)."""
+"""Small reference networks: the digits CNN of the demo, a deep MLP for normalization experiments, a
+ResNet-18-sized CNN for benchmarks (each in BatchNorm / LayerNorm / GroupNorm / no-normalization variants),
+and the digits transformer of the transformer demo (Post-LN / Pre-LN / Pre-RMSNorm / no-normalization
+variants)."""
 
 from __future__ import annotations
 
@@ -245,8 +246,8 @@ class _RowTokens(nn.Module):
 
 
 class _SelfAttention(nn.Module):
-    """Multi-head self-attention with its projections as ``nn.Linear`` modules (``nn.MultiheadAttention`` calls
-    its output projection functionally, so hooks on it never fire)."""
+    """Multi-head self-attention with its projections as ``nn.Linear`` modules (``nn.MultiheadAttention``
+    calls its output projection functionally, so hooks on it never fire)."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -256,15 +257,16 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, T, head width)
         attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head width)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, width))
 
 
 class _TransformerBlock(nn.Module):
     """One encoder block: self-attention and a GELU MLP, each a residual branch, with the normalization where
-    ``norm`` puts it: after each residual add (``postln``), at the entry of each branch (``preln``, ``rmsnorm``),
-    or nowhere (``none``)."""
+    ``norm`` puts it: after each residual add (``postln``), at the entry of each branch (``preln``,
+    ``rmsnorm``), or nowhere (``none``)."""
 
     def __init__(self, width: int, heads: int, mlp_width: int, norm: str, dropout: float) -> None:
         super().__init__()
@@ -288,20 +290,21 @@ class _TransformerBlock(nn.Module):
 
 class DigitsTransformer(ClassifierModule):
     """A small transformer classifier for 8x8 digits read as a sequence of 8 row tokens, in four normalization
-    variants: ``"postln"`` (LayerNorm after each residual add, the original Transformer), ``"preln"`` (LayerNorm
-    at the entry of each residual branch and once after the last block), ``"rmsnorm"`` (``nn.RMSNorm`` in the
-    Pre-LN places) and ``"none"``.
+    variants: ``"postln"`` (LayerNorm after each residual add, the original Transformer), ``"preln"``
+    (LayerNorm at the entry of each residual branch and once after the last block), ``"rmsnorm"``
+    (``nn.RMSNorm`` in the Pre-LN places) and ``"none"``.
 
-    It takes the ``(B, 1, 8, 8)`` image batch the CNN takes (so the data module, saliency maps and every callback
-    work unchanged) and cuts it into tokens itself: each pixel row is a token of 8 features (rows, not 2x2
-    patches: a row is a stroke profile, and 8 tokens keep attention cheap), embedded by ``net.embed`` (a linear
-    map plus a learned position embedding), then ``depth`` blocks ``net.blocks.0`` .. ``net.blocks.<depth-1>`` in
-    an ``nn.ModuleList``, ``net.final_norm`` (LayerNorm / RMSNorm for the Pre variants, ``Identity`` otherwise: a
-    Post-LN block already ends in a LayerNorm), the mean over tokens (what a probe on a block output sees too) and
-    ``net.head``. The default hidden layers of the callbacks are ``net.embed`` and the blocks.
+    It takes the ``(B, 1, 8, 8)`` image batch the CNN takes (so the data module, saliency maps and every
+    callback work unchanged) and cuts it into tokens itself: each pixel row is a token of 8 features (rows,
+    not 2x2 patches: a row is a stroke profile, and 8 tokens keep attention cheap), embedded by ``net.embed``
+    (a linear map plus a learned position embedding), then ``depth`` blocks ``net.blocks.0`` ..
+    ``net.blocks.<depth-1>`` in an ``nn.ModuleList``, ``net.final_norm`` (LayerNorm / RMSNorm for the Pre
+    variants, ``Identity`` otherwise: a Post-LN block already ends in a LayerNorm), the mean over tokens (what
+    a probe on a block output sees too) and ``net.head``. The callbacks' default hidden layers are
+    ``net.embed`` and the blocks.
 
-    ``dropout`` acts on each residual branch's output. Optimised with AdamW (``lr``, ``weight_decay``) and a linear
-    learning-rate warm-up over ``warmup_steps`` optimizer steps (0: none), the same for every variant.
+    ``dropout`` acts on each residual branch's output. Optimised with AdamW (``lr``, ``weight_decay``) and a
+    linear learning-rate warm-up over ``warmup_steps`` optimizer steps (0: none), the same for every variant.
 
     Example:
         >>> from lightning_interp.layers import select_layers
@@ -310,7 +313,8 @@ class DigitsTransformer(ClassifierModule):
         torch.Size([3, 10])
         >>> [layer.name for layer in select_layers(model)]
         ['input', 'net.embed', 'net.blocks.0', 'net.blocks.1']
-        >>> type(model.net.final_norm).__name__, type(DigitsTransformer(norm="postln").net.final_norm).__name__
+        >>> post = DigitsTransformer(norm="postln")
+        >>> type(model.net.final_norm).__name__, type(post.net.final_norm).__name__
         ('LayerNorm', 'Identity')
     """
 

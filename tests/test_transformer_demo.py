@@ -1,6 +1,6 @@
-"""The digits transformer (Post-LN / Pre-LN / Pre-RMSNorm / none) and ``lightning-interp demo --model transformer``:
-the blocks against torch's own ``nn.TransformerEncoder``, the layers the callbacks see, zero interference of the
-whole suite, and the command line end to end."""
+"""The digits transformer (Post-LN / Pre-LN / Pre-RMSNorm / none) and ``lightning-interp demo --model
+transformer``: the blocks against torch's own ``nn.TransformerEncoder``, the layers the callbacks see, zero
+interference of the whole suite, and the command line end to end."""
 
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def test_warmup_schedule():
 
 def test_zero_interference_of_every_callback_on_pre_ln(tmp_path, one_torch_thread):
     def model_fn():
-        return DigitsTransformer(norm="preln", dropout=0.1, warmup_steps=10)  # dropout: the global RNG matters
+        # dropout: a draw from the global RNG by a callback would change the weights
+        return DigitsTransformer(norm="preln", dropout=0.1, warmup_steps=10)
 
     plain, _ = fit([], model_fn, max_epochs=2, log_every_n_steps=3)
     ours = every_callback(representer_examples=200)
@@ -135,14 +136,14 @@ def test_zero_interference_of_every_callback_on_pre_ln(tmp_path, one_torch_threa
     assert_same_weights(weights_of(plain), weights_of(watched))
     assert count_hooks(watched) == 0 and all(len(c.hooks) == 0 for c in ours)
     for family in TAG_FAMILIES:  # every callback did its work on this model
-        assert any(k.startswith(family) for k in trainer.callback_metrics), (family, sorted(trainer.callback_metrics))
+        assert any(k.startswith(family) for k in trainer.callback_metrics), family
     assert "probe/val_acc/net.blocks.7" in trainer.callback_metrics
     assert "norm/net.final_norm/effective_gain" in trainer.callback_metrics
 
 
 def test_demo_command_trains_the_transformer_variants(tmp_path, capsys):
-    # an earlier CNN run in the same folder: the transformer's comparison must not list it, nor the CNN's list
-    # the transformer's runs
+    # an earlier CNN run in the same folder: the transformer's comparison must not list it, nor the CNN demo's
+    # comparison (exclude=("transformer",)) the transformer's runs
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(tmp_path / "batchnorm")) as writer:
