@@ -7,7 +7,9 @@ when two map to the same name). Read with TensorBoard's own ``EventAccumulator``
 package's models and callbacks write: ``val_acc`` (and ``epoch``), ``probe/val_acc/<layer>``
 (LinearProbeMonitor), ``gradflow/total/cum_product`` (GradFlowMonitor), ``norm/total/effective_gain``,
 ``norm/total/dead_frac`` and ``norm/total/saturated_frac`` (NormStatsMonitor). A run without some tag shows
-"—" there.
+"—" there (a transformer without BatchNorm or ReLU modules has no dead or saturated fraction; one without
+normalization no effective gain). Probe layers are put in the model's order as the text ``probe/layers`` lists
+them (``net.embed`` before ``net.blocks.0``), in natural order of their names when that text is absent.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import re
 import statistics
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_interp.errors import LightningInterpError
 
@@ -34,6 +38,8 @@ __all__ = [
 
 TARGET_ACCURACY = 0.9
 _VERSION = re.compile(r"^(lightning_logs|version_\d+)$")
+# a row of the table LinearProbeMonitor writes as the text probe/layers: | 0 | `input` | model input |
+_LAYER_ROW = re.compile(r"^\| \d+ \| `([^`]+)` \|", re.MULTILINE)
 
 
 @dataclass
@@ -66,8 +72,39 @@ def _natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def find_runs(runs_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """``{run name: folder}`` for every folder under ``runs_dir`` holding TensorBoard event files.
+def _excluded(name: str, exclude: Sequence[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix.rstrip("/") + "/") for prefix in exclude)
+
+
+def _layer_key(name: str, order: list[str]) -> tuple[int, list[object]]:
+    """Position in the logged layer order (a shared module's ``name@1`` after ``name``), else natural
+    order."""
+    base, _, call = name.partition("@")
+    if base in order:
+        return (order.index(base), [call])
+    return (len(order), _natural_key(name))
+
+
+def _probe_layer_order(accumulator: Any) -> list[str]:
+    """The layers, in the model's order, of the last ``probe/layers`` text LinearProbeMonitor wrote; ``[]``
+    when there is none."""
+    tag = "probe/layers/text_summary"
+    if tag not in accumulator.Tags().get("tensors", []):
+        return []
+    from tensorboard.util import tensor_util
+
+    events = accumulator.Tensors(tag)
+    if not events:
+        return []
+    values = tensor_util.make_ndarray(events[-1].tensor_proto).reshape(-1)
+    text = "\n".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values)
+    return _LAYER_ROW.findall(text)
+
+
+def find_runs(runs_dir: str | os.PathLike[str], exclude: Sequence[str] = ()) -> dict[str, Path]:
+    """``{run name: folder}`` for every folder under ``runs_dir`` holding TensorBoard event files, except the
+    runs named in ``exclude`` and those under a folder named there (``"transformer"`` drops
+    ``transformer/preln``).
 
     Example:
         >>> import tempfile
@@ -81,6 +118,8 @@ def find_runs(runs_dir: str | os.PathLike[str]) -> dict[str, Path]:
             continue
         parts = [p for p in Path(folder).relative_to(root).parts if not _VERSION.match(p)]
         name = "/".join(parts) or root.name
+        if _excluded(name, exclude):
+            continue
         previous = found.get(name)
         if previous is None or Path(folder).stat().st_mtime > previous.stat().st_mtime:
             found[name] = Path(folder)
@@ -117,6 +156,7 @@ def read_run(name: str, folder: str | os.PathLike[str]) -> RunSummary:
     accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
     accumulator.Reload()
     tags = set(accumulator.Tags().get("scalars", []))
+    layer_order = _probe_layer_order(accumulator)
 
     def series(tag: str) -> list[tuple[int, float]]:
         return [(e.step, float(e.value)) for e in accumulator.Scalars(tag)] if tag in tags else []
@@ -135,7 +175,7 @@ def read_run(name: str, folder: str | os.PathLike[str]) -> RunSummary:
     for tag in tags:
         if tag.startswith("probe/val_acc/"):
             summary.probe_acc[tag[len("probe/val_acc/") :]] = series(tag)[-1][1]
-    summary.probe_acc = dict(sorted(summary.probe_acc.items(), key=lambda kv: _natural_key(kv[0])))
+    summary.probe_acc = dict(sorted(summary.probe_acc.items(), key=lambda kv: _layer_key(kv[0], layer_order)))
     products = series("gradflow/total/cum_product")
     summary.cum_product_curve = products
     finite = [v for _, v in products if math.isfinite(v)]
@@ -151,8 +191,8 @@ def read_run(name: str, folder: str | os.PathLike[str]) -> RunSummary:
     return summary
 
 
-def compare_runs(runs_dir: str | os.PathLike[str]) -> list[RunSummary]:
-    """Read every run under ``runs_dir``.
+def compare_runs(runs_dir: str | os.PathLike[str], exclude: Sequence[str] = ()) -> list[RunSummary]:
+    """Read every run under ``runs_dir`` (but those ``exclude`` names, see :func:`find_runs`).
 
     Raises:
         LightningInterpError: ``runs_dir`` does not exist or holds no event files.
@@ -179,7 +219,7 @@ def compare_runs(runs_dir: str | os.PathLike[str]) -> list[RunSummary]:
             f"Expected argument `runs_dir` to be a folder of TensorBoard runs, but {str(root)!r} "
             "is not a folder."
         )
-    runs = find_runs(root)
+    runs = find_runs(root, exclude)
     if not runs:
         raise LightningInterpError(
             f"Expected argument `runs_dir` to hold runs (sub-folders with events.out.tfevents.* files), but "
@@ -286,9 +326,10 @@ def write_figure(runs: list[RunSummary], path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def compare_command(runs_dir: str | os.PathLike[str]) -> str:
-    """What ``lightning-interp compare RUNS_DIR`` does: read the runs, write ``RUNS_DIR/compare.md`` and
-    ``RUNS_DIR/compare.png``, and return the table (with the paths written) as text to print.
+def compare_command(runs_dir: str | os.PathLike[str], exclude: Sequence[str] = ()) -> str:
+    """What ``lightning-interp compare RUNS_DIR`` does: read the runs (but those ``exclude`` names, see
+    :func:`find_runs`), write ``RUNS_DIR/compare.md`` and ``RUNS_DIR/compare.png``, and return the table (with
+    the paths written) as text to print.
 
     Example:
         >>> import tempfile
@@ -311,7 +352,7 @@ def compare_command(runs_dir: str | os.PathLike[str]) -> str:
         ['compare.md', 'compare.png']
     """
     root = Path(runs_dir)
-    runs = compare_runs(root)
+    runs = compare_runs(root, exclude)
     table = summary_table(runs)
     markdown = root / "compare.md"
     figure = root / "compare.png"

@@ -100,3 +100,25 @@ def test_reads_what_the_callbacks_write(tmp_path):
     assert (
         batch.mean_effective_gain > 0 and none.mean_effective_gain != none.mean_effective_gain
     )  # nan: no norm
+
+
+def test_probe_layers_in_the_logged_model_order_and_exclude(tmp_path):
+    # names whose natural order is not the model's: the stem `net.embed` sorts after `net.blocks.*` by name
+    order = ["input", "net.embed", "net.blocks.0", "net.blocks.1", "net.blocks.10", "net.blocks.2",
+             "net.head@1"]
+    folder = tmp_path / "transformer" / "preln"
+    write_run(folder, [0.5], [1.0], probes={name: 0.5 for name in order})
+    with SummaryWriter(str(folder)) as writer:
+        rows = [f"| {i} | `{name}` | Block |" for i, name in enumerate(order[:-1] + ["net.head"])]
+        writer.add_text("probe/layers", "| # | layer | module |\n|---|---|---|\n" + "\n".join(rows), 0)
+    # the same layers without the text: natural order of the names
+    write_run(tmp_path / "transformer" / "none", [0.5], [1.0], probes={name: 0.5 for name in order})
+    write_run(tmp_path / "none", [0.4], [1.0])
+    runs = {run.name: run for run in compare_runs(tmp_path)}
+    assert list(runs["transformer/preln"].probe_acc) == order
+    assert list(runs["transformer/none"].probe_acc) == [
+        "input", "net.blocks.0", "net.blocks.1", "net.blocks.2", "net.blocks.10", "net.embed", "net.head@1"
+    ]  # fmt: skip
+    assert [run.name for run in compare_runs(tmp_path, exclude=("transformer",))] == ["none"]
+    kept = compare_runs(tmp_path, exclude=("transformer/none", "none"))
+    assert [run.name for run in kept] == ["transformer/preln"]
