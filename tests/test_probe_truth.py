@@ -23,18 +23,22 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_interp.callbacks import LinearProbeMonitor
+from lightning_interp.cli import TRANSFORMER_DEMO_SETTINGS
 from lightning_interp.data import DigitsDataModule
-from lightning_interp.models import ClassifierModule, DeepMLP, DigitsCNN
+from lightning_interp.models import ClassifierModule, DeepMLP, DigitsCNN, DigitsTransformer
 from tests.helpers import quiet_trainer
 
 EPOCHS = 6
 
 
 def reduced(output: torch.Tensor) -> torch.Tensor:
-    """The issue's "frozen (2x2-pooled) activations": conv maps average-pooled to 2x2 per channel, flattened."""
+    """The issue's "frozen (2x2-pooled) activations": conv maps average-pooled to 2x2 per channel, token sequences
+    (B, T, D) averaged over the tokens (no padding here), flattened."""
     x = output.detach().float()
     if x.dim() == 4:
         x = F.adaptive_avg_pool2d(x, 2)
+    elif x.dim() == 3:
+        x = x.mean(dim=1)
     return x.flatten(1)
 
 
@@ -105,6 +109,9 @@ MODELS = {
     "mlp-relu": lambda: DeepMLP(depth=6, width=64, activation="relu"),
     "mlp-tanh": lambda: DeepMLP(depth=6, width=64, activation="tanh"),
     "cnn-batchnorm-dropout": BatchNormDropoutCNN,
+    # the transformer demo's model at its settings (12 blocks, lr 3e-3): Post-LN collapses there, the others train
+    **{f"transformer-{norm}": (lambda norm=norm: DigitsTransformer(norm=norm, **TRANSFORMER_DEMO_SETTINGS))
+       for norm in ("postln", "preln", "rmsnorm", "none")},
 }
 
 

@@ -93,7 +93,7 @@ class ProbeBank:
 
     # ---- fitting on frozen features ----------------------------------------------------------------------------
     def fit(
-        self, name: str, features: torch.Tensor, targets: torch.Tensor, c: float = 1.0, max_iter: int = 100,
+        self, name: str, features: torch.Tensor, targets: torch.Tensor, c: float = 1.0, max_iter: int = 1000,
         tol: float = 1e-4,
     ) -> int:  # fmt: skip
         """Fit the probe of ``name`` to convergence on ``features`` ``(n, d)`` and class indices ``targets``:
