@@ -32,6 +32,8 @@ __all__ = [
     "stem_layer",
     "select_layers",
     "glob_to_regex",
+    "called_functionally",
+    "never_ran_message",
     "normalization_layers",
     "last_linear",
     "first_tensor",
@@ -260,6 +262,23 @@ def called_functionally(model: nn.Module) -> dict[str, str]:
         if isinstance(module, nn.MultiheadAttention):
             found[f"{name}.out_proj"] = name
     return found
+
+
+def never_ran_message(names: Sequence[str], functional: dict[str, str]) -> str:
+    """The start of the one warning a callback gives for watched layers whose forward hooks never ran, with the module
+    to watch instead for those :func:`called_functionally` knows.
+
+    Example:
+        >>> never_ran_message(["spare", "attn.out_proj"], {"attn.out_proj": "attn"})
+        'the forward hooks of `spare`, `attn.out_proj` (nn.MultiheadAttention applies it functionally: watch `attn`) never ran (modules called functionally, or not in this forward)'
+    """
+    hints = [
+        f"`{name}` (nn.MultiheadAttention applies it functionally: watch `{functional[name]}`)"
+        if name in functional
+        else f"`{name}`"
+        for name in names
+    ]
+    return f"the forward hooks of {', '.join(hints)} never ran (modules called functionally, or not in this forward)"
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:

@@ -16,6 +16,7 @@ from lightning_interp.models import DigitsCNN
 __all__ = [
     "fit",
     "weights_of",
+    "hook_free_copy",
     "assert_same_weights",
     "count_hooks",
     "quiet_trainer",
@@ -85,6 +86,17 @@ def fit(
     trainer = quiet_trainer(callbacks, **trainer_kwargs)
     trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=64))
     return model, trainer
+
+
+def hook_free_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy without any module hook (deepcopy copies the monitors' hooks along), for reference computations."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    return clone
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -178,10 +178,7 @@ ROWS = [
         model=compiled_cnn),
     Row("manual optimization, two optimizers", "works; weights bitwise identical to a run without callbacks",
         model=TwoOptimizerCNN, same_weights=True),
-    Row("model returning a dict", "probes, statistics, gradient flow and representer points work; saliency maps are "
-        "skipped with one warning (wrap the model so it returns the logits)", model=DictCNN),
-    # ^ SaliencyMonitor now reads the dict's `logits` (logits_of), so its maps work too; the outcome text stays as
-    # README words it until the README row is updated to match (test_readme_lists_the_matrix compares them)
+    Row("model returning a dict", "every callback works; saliency maps explain the dict's `logits`", model=DictCNN),
     Row("forward raising mid-epoch", "the user's exception propagates unchanged; every hook is removed",
         model=RaisingCNN, raises=RuntimeError),
     Row("KeyboardInterrupt", "Lightning's graceful stop (SystemExit in Lightning 2.6); every hook is removed",

@@ -4,7 +4,6 @@ arguments."""
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -21,18 +20,16 @@ from lightning_interp.data import DigitsDataModule
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.models import ClassifierModule, DeepMLP, DigitsCNN
 from lightning_interp.stats.grad_flow import PowerIteration, chain_links, param_grad_norms
-from tests.helpers import assert_hook_hygiene, assert_same_weights, fit, quiet_trainer, weights_of
+from tests.helpers import (
+    assert_hook_hygiene,
+    assert_same_weights,
+    fit,
+    hook_free_copy,
+    quiet_trainer,
+    weights_of,
+)
 
 RTOL = 1e-5
-
-
-def hook_free_copy(model: nn.Module) -> nn.Module:
-    """A deep copy without any module hook (deepcopy copies the monitor's hooks along)."""
-    clone = copy.deepcopy(model)
-    for module in clone.modules():
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-    return clone
 
 
 def reference_flow(model: DeepMLP, batch) -> dict[str, float]:

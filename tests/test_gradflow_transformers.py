@@ -6,7 +6,6 @@ respect to block outputs captured by the test's own hooks; effective gains by ha
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import lightning as L
@@ -21,7 +20,7 @@ from lightning_interp.errors import LightningInterpError
 from lightning_interp.layers import called_functionally
 from lightning_interp.stats.grad_flow import PowerIteration, chain_links, weight_matrix
 from lightning_interp.stats.norm_stats import FIT_TOLERANCE, effective_gain, library_norm_sigma
-from tests.helpers import assert_same_weights, count_hooks, quiet_trainer, weights_of
+from tests.helpers import assert_same_weights, count_hooks, hook_free_copy, quiet_trainer, weights_of
 from tests.transformer_models import (
     MODELS,
     AttentionFreeClassifier,
@@ -36,14 +35,6 @@ from tests.transformer_models import (
 pytest.importorskip("transformers")
 
 RTOL = 1e-5
-
-
-def hook_free_copy(model: nn.Module) -> nn.Module:
-    clone = copy.deepcopy(model)
-    for module in clone.modules():
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-    return clone
 
 
 def _first(output):

@@ -24,6 +24,7 @@ from lightning_interp.layers import (
     first_tensor,
     is_normalization,
     named_submodules,
+    never_ran_message,
     residual_blocks,
     select_layers,
 )
@@ -389,16 +390,8 @@ class GradFlowMonitor(InterpCallback):
         watched = [layer.name for layer in self.hidden_layers]
         silent = [name for name in watched if name not in self._fired]
         if silent:
-            hints = [
-                f"`{name}` (nn.MultiheadAttention applies it functionally: watch `{self._functional[name]}`)"
-                if name in self._functional
-                else f"`{name}`"
-                for name in silent
-            ]
             self.problems.report(
-                "never_fired",
-                f"the forward hooks of {', '.join(hints)} never ran (modules called functionally, or not in this "
-                "forward); no gradient is followed there",
+                "never_fired", never_ran_message(silent, self._functional) + "; no gradient is followed there"
             )
         frozen = [name for name in watched if name in self._no_grad and name not in self._order]
         if frozen:

@@ -23,7 +23,7 @@ from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.examples import sample_batches, training_loader
 from lightning_interp.hooks import ActivationCapture
-from lightning_interp.layers import INPUT, Layer, last_linear, select_layers
+from lightning_interp.layers import INPUT, Layer, called_functionally, last_linear, never_ran_message, select_layers
 from lightning_interp.probes import SEQUENCE_REDUCTIONS, AccuracyCounter, ActivationReducer, ProbeBank
 from lightning_interp.render import colorize, upscale
 from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_writer
@@ -380,12 +380,10 @@ class LinearProbeMonitor(InterpCallback):
                 "layer `input` is not probed."
             )
         if missing:
-            self.problems.report(
-                "never_fired",
-                f"{len(missing)} of the {len(self.resolved_layers)} layers announced produced no output on the first "
-                f"training batch (their forward hooks never ran: modules called functionally, or not in this "
-                f"forward) and are not probed: {', '.join(missing)}",
-            )
+            functional = called_functionally(trainer.lightning_module)
+            self.problems.report("never_fired", never_ran_message(missing, functional) + f" on the first training "
+                                 f"batch: {len(missing)} of the {len(self.resolved_layers)} layers announced are not "
+                                 "probed")  # fmt: skip
         self.not_fired = missing
         self.resolved_layers = kept
         self._capture.layers = [layer for layer in kept if not layer.is_input]

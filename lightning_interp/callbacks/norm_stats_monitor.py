@@ -21,6 +21,7 @@ from lightning_interp.layers import (
     Layer,
     called_functionally,
     first_tensor,
+    never_ran_message,
     normalization_layers,
     select_layers,
 )
@@ -336,17 +337,7 @@ class NormStatsMonitor(InterpCallback):
         """Name, once, the hidden layers whose hooks did not run on this logged step."""
         silent = [layer.name for layer in self.hidden_layers if layer.name not in self._fired]
         if silent:
-            hints = [
-                f"`{name}` (nn.MultiheadAttention applies it functionally: watch `{self._functional[name]}`)"
-                if name in self._functional
-                else f"`{name}`"
-                for name in silent
-            ]
-            self.problems.report(
-                "never_fired",
-                f"the forward hooks of {', '.join(hints)} never ran (modules called functionally, or not in this "
-                "forward); no statistics for them",
-            )
+            self.problems.report("never_fired", never_ran_message(silent, self._functional) + "; no statistics for them")
         self._fired = set()
 
     @override
