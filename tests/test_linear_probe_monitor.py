@@ -103,9 +103,43 @@ class TolerantCNN(DigitsCNN):
         return self(x).logsumexp(1).mean()
 
 
-def test_float_targets_give_a_clear_error_at_the_first_batch():
-    with pytest.raises(LightningInterpError, match="integer class indices"):
-        quiet_trainer([LinearProbeMonitor()], max_epochs=1).fit(TolerantCNN(), RegressionTargets())
+def test_float_targets_at_defaults_warn_once_and_the_monitor_idles():
+    monitor = LinearProbeMonitor()
+    model = TolerantCNN()
+    with pytest.warns(UserWarning, match="integer class indices.*stays idle") as record:
+        trainer = quiet_trainer([monitor], max_epochs=2)
+        trainer.fit(model, RegressionTargets())
+    assert sum("integer class indices" in str(w.message) for w in record) == 1
+    assert trainer.current_epoch == 2 and monitor.idle and monitor.history == {"train": {}, "val": {}}
+    assert count_hooks(model) == 0 and len(monitor.hooks) == 0
+
+
+def test_float_targets_from_an_explicit_adapter_raise_at_the_first_batch():
+    monitor = LinearProbeMonitor(batch_adapter=lambda batch: (batch[0], batch[1].float()))
+    with pytest.raises(LightningInterpError, match="integer class indices.*`batch_adapter`"):
+        quiet_trainer([monitor], max_epochs=1).fit(TolerantCNN(), DigitsDataModule())
+
+
+class NoLinearCNN(ClassifierModule):
+    """A fully convolutional classifier: a 1x1 conv head and global pooling, no nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 10, 1),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_accuracy = MulticlassAccuracy(10, average="micro")
+
+
+def test_a_model_without_linear_layer_at_defaults_idles_and_num_classes_makes_it_work():
+    idle = LinearProbeMonitor()
+    with pytest.warns(UserWarning, match="`num_classes=`.*stays idle"):
+        quiet_trainer([idle], max_epochs=1).fit(NoLinearCNN(), DigitsDataModule())
+    assert idle.idle and idle.history == {"train": {}, "val": {}}
+    working = LinearProbeMonitor(num_classes=10)
+    quiet_trainer([working], max_epochs=1).fit(NoLinearCNN(), DigitsDataModule())
+    assert working.idle is None and working.history["val"]["net.1"][-1] > 0.5
 
 
 class InputsOnly(DigitsDataModule):
@@ -114,9 +148,12 @@ class InputsOnly(DigitsDataModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
 
 
-def test_batch_without_targets_names_batch_adapter():
-    with pytest.raises(LightningInterpError, match="batch_adapter"):
-        quiet_trainer([LinearProbeMonitor()], max_epochs=1).fit(TolerantCNN(), InputsOnly())
+def test_batch_without_targets_names_batch_adapter_and_idles():
+    monitor = LinearProbeMonitor()
+    with pytest.warns(UserWarning, match="batch_adapter.*stays idle"):
+        trainer = quiet_trainer([monitor], max_epochs=1)
+        trainer.fit(TolerantCNN(), InputsOnly())
+    assert trainer.current_epoch == 1 and monitor.idle
 
 
 class TupleLayer(nn.Module):

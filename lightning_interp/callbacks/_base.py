@@ -28,6 +28,17 @@ class InterpCallback(Callback):
         super().__init__()
         self.hooks = HookManager()
         self.problems = ProblemCounter(type(self).__name__)
+        #: why the callback does nothing in this fit (``None`` while it works); see :meth:`_go_idle`
+        self.idle: str | None = None
+
+    def _go_idle(self, kind: str, reason: str) -> None:
+        """Do nothing for the rest of this fit, hooks removed, after one warning saying why and which argument to
+        pass: a callback at its defaults never stops a user's fit on a model it finds nothing to watch on. (Explicit
+        bad arguments still raise at construction or ``setup``.) Callers agree on it across DDP ranks first when the
+        reason depends on a rank's own data."""
+        self.idle = reason
+        self._release()
+        self.problems.report(kind, f"{reason}. It stays idle for the rest of this fit")
 
     # ---- configuration -------------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:

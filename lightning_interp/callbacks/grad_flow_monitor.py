@@ -195,7 +195,6 @@ class GradFlowMonitor(InterpCallback):
         self.residual = False  # the model has repeated blocks: no analytic chain
         self.norm_layers: list[Layer] = []
         self.param_groups: list[str] = []
-        self.idle = False
         self.power = PowerIteration(seed)
         self.last: dict[str, float] = {}
         self.flow_events = 0
@@ -227,7 +226,7 @@ class GradFlowMonitor(InterpCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._refuse_sharded(trainer, "its spectral norms and parameter-gradient norms read whole weight matrices")
-        self.idle = False
+        self.idle = None
         self.hidden_layers = [layer for layer in select_layers(pl_module, self.layers) if not layer.is_input]
         if not self.hidden_layers:
             if self.layers is not None:
@@ -235,12 +234,11 @@ class GradFlowMonitor(InterpCallback):
                     "Expected argument `layers` to select at least one module whose output GradFlowMonitor can "
                     f"follow (the model input `input` is not one), but got {self.layers!r}."
                 )
-            self.idle = True
-            self.problems.report(
+            self._go_idle(
                 "nothing_to_watch",
-                "found no hidden layer to watch (no repeated blocks, no nonlinearity module, fewer than two "
-                "weight layers) and stays idle in this fit; pass `layers=` naming the modules whose outputs to "
-                "follow (names, globs such as 'encoder.*', or module types)",
+                "found no hidden layer to watch (no repeated blocks, no nonlinearity module, fewer than two weight "
+                "layers); pass `layers=` naming the modules whose outputs to follow (names, globs such as "
+                "'encoder.layer.*', or module types)",
             )
             return
         names = [layer.name for layer in self.hidden_layers]

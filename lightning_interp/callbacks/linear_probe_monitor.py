@@ -181,6 +181,7 @@ class LinearProbeMonitor(InterpCallback):
         self._pending_state: dict[str, Any] | None = None
         self._targets_checked = False
         self._first_batch = False
+        self._fired_checked = False
         self._fitted_step: int | None = None
         self._skipped: dict[str, torch.Tensor] = {}
 
@@ -202,6 +203,8 @@ class LinearProbeMonitor(InterpCallback):
     # ---- set-up ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.idle = None
+        self._capture = None
         self.resolved_layers = select_layers(pl_module, self.layers)
         if self.num_classes is None:
             own_labels = [n for n, v in (("target_key", self.target_key), ("targets_fn", self.targets_fn),
@@ -213,10 +216,9 @@ class LinearProbeMonitor(InterpCallback):
                 )
             head = last_linear(pl_module)
             if head is None:
-                raise LightningInterpError(
-                    "LinearProbeMonitor could not infer `num_classes`: the model has no nn.Linear layer. "
-                    "Pass `num_classes=` to LinearProbeMonitor."
-                )
+                self._go_idle("no_num_classes", "could not infer `num_classes`: the model has no nn.Linear layer; "
+                              "pass `num_classes=` to LinearProbeMonitor")  # fmt: skip
+                return
             self.num_classes = head.module.out_features  # type: ignore[union-attr]
         if self.bank is None:
             self.bank = ProbeBank(self.num_classes, lr=self.lr, seed=self.seed)
@@ -234,10 +236,13 @@ class LinearProbeMonitor(InterpCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if self.idle:
+            return
         # registered here, not in setup: callbacks such as weight averaging deep-copy the model in their setup
         self._attach(pl_module)
         self._capture.fired.clear()
         self._first_batch = True
+        self._fired_checked = False
         names = [layer.name for layer in self.resolved_layers]
         rank_zero_info(f"LinearProbeMonitor: probing {len(names)} layers: {', '.join(names)}")
         writer = tensorboard_writer(trainer, self.problems)
@@ -250,8 +255,8 @@ class LinearProbeMonitor(InterpCallback):
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.FITTING and not len(self.hooks):  # validate(): evaluate the probes we have
-            self._attach(pl_module)
+        if self._capture is not None and trainer.state.fn != TrainerFn.FITTING and not len(self.hooks):
+            self._attach(pl_module)  # trainer.validate(): evaluate the probes we have
 
     # ---- batches ---------------------------------------------------------------------------------------------
     def _unpack(self, batch: Any, require_targets: bool = True) -> ModelBatch:
@@ -292,25 +297,41 @@ class LinearProbeMonitor(InterpCallback):
             usable[name] = x
         return usable, unpacked
 
-    def _check_targets(self, targets: torch.Tensor | None) -> None:
-        """The first batch's targets, checked on the host (later batches are masked on the device instead)."""
+    def _first_batch_problem(self, batch: Any) -> str | None:
+        """What makes the first training batch unusable for probes, checked once on the host (later batches are
+        masked on the device instead). With labels configured explicitly (``batch_adapter``, ``target_key``,
+        ``targets_fn``) a problem raises; at the defaults it is returned, and the monitor goes idle."""
+        explicit = next((n for n, v in (("batch_adapter", self.batch_adapter), ("target_key", self.target_key),
+                                        ("targets_fn", self.targets_fn)) if v is not None), None)  # fmt: skip
         problem = None
+        try:
+            targets = self._unpack(batch, self._labels_in_training_batches()).targets
+        except LightningInterpError as err:
+            problem, targets = str(err), None
         if targets is None:
-            return
-        if targets.is_floating_point() or targets.is_complex() or targets.dim() != 1:
+            pass
+        elif targets.is_floating_point() or targets.is_complex() or targets.dim() != 1:
             problem = (
                 f"LinearProbeMonitor needs 1-D integer class indices as targets, but got dtype {targets.dtype} "
                 f"and shape {tuple(targets.shape)}. Probes are classifiers: pass `batch_adapter=` (or `target_key=`, "
-                "`targets_fn=`) giving class indices, or leave the monitor out for regression models."
+                "`targets_fn=`) giving class indices, or leave the monitor out for regression models"
             )
         elif targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
             problem = (
                 f"LinearProbeMonitor got targets in [{int(targets.min())}, {int(targets.max())}] but "
-                f"`num_classes` is {self.num_classes}; pass the right `num_classes=`."
+                f"`num_classes` is {self.num_classes}; pass the right `num_classes=`"
             )
-        if problem is not None:
-            raise LightningInterpError(problem)
-        self._targets_checked = True
+        if problem is not None and explicit is not None:
+            raise LightningInterpError(f"{problem} (with `{explicit}` given)")
+        self._targets_checked = problem is None
+        return problem
+
+    @staticmethod
+    def _agreed(flag: bool, pl_module: LightningModule) -> bool:
+        """``flag`` on any rank (one collective; every rank calls it at the same point)."""
+        if world_size() == 1:
+            return flag
+        return bool(all_reduce_(torch.tensor([float(flag)], device=pl_module.device), "max") > 0)
 
     def _counter(self, split: str, name: str) -> AccuracyCounter:
         return self._counters[split].setdefault(name, AccuracyCounter())
@@ -343,22 +364,27 @@ class LinearProbeMonitor(InterpCallback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.fit == "online" or self._first_batch:
+        if not self.idle and (self.fit == "online" or self._first_batch):
             self._start_capture(batch)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not (self.fit == "online" or self._first_batch):
+        if self.idle or not (self.fit == "online" or self._first_batch):
             return
+        if self._first_batch:
+            self._first_batch = False
+            problem = self._first_batch_problem(batch)
+            if self._agreed(problem is not None, pl_module):  # every rank idles, or none
+                self._go_idle("unusable_batches", problem or "another process could not read its first batch")
+                return
         collected = self._collect(batch, require_targets=self._labels_in_training_batches())
         if collected is None:
             return
         activations, unpacked = collected
-        if self._first_batch:
-            self._first_batch = False
-            self._check_targets(unpacked.targets)
+        if not self._fired_checked:
+            self._fired_checked = True
             self._check_fired(trainer, unpacked)
         if self.fit != "online" or not activations or unpacked.targets is None:
             return
@@ -397,7 +423,7 @@ class LinearProbeMonitor(InterpCallback):
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self._capture is None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self._capture is None or self.idle:
             return
         if self.fit == "frozen":
             self._fit_frozen(trainer, pl_module)
@@ -408,7 +434,7 @@ class LinearProbeMonitor(InterpCallback):
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._capture is not None and not trainer.sanity_checking and self.probe_val_dataloader is None:
+        if self._capture is not None and not self.idle and not trainer.sanity_checking and self.probe_val_dataloader is None:
             self._start_capture(batch)
 
     @override
@@ -561,6 +587,8 @@ class LinearProbeMonitor(InterpCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.idle or self._capture is None:
+            return
         self._report_tallies()
         if self.fit == "frozen":
             if self._fitted_step == trainer.global_step:
@@ -574,7 +602,7 @@ class LinearProbeMonitor(InterpCallback):
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or self.bank is None or not (self._counters["val"] or self.bank.probes):
+        if trainer.sanity_checking or self.idle or self.bank is None or not (self._counters["val"] or self.bank.probes):
             return
         self._log_split("val", pl_module)
         if self.fit == "frozen" and trainer.state.fn == TrainerFn.FITTING and self._fitted_step == trainer.global_step:

@@ -145,7 +145,6 @@ class NormStatsMonitor(InterpCallback):
         self.hidden_layers: list[Layer] = []
         self.last: dict[str, float] = {}
         self.nonfinite_events = 0
-        self.idle = False
         self._fired: set[str] = set()
         self._fits: dict[str, torch.Tensor] = {}
         self._active = False
@@ -170,7 +169,7 @@ class NormStatsMonitor(InterpCallback):
     # ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.idle = False
+        self.idle = None
         self.norm_layers = normalization_layers(pl_module, self.norm_types)
         self.hidden_layers = [layer for layer in select_layers(pl_module, self.layers) if not layer.is_input]
         if self.layers is not None and not self.hidden_layers:
@@ -179,12 +178,11 @@ class NormStatsMonitor(InterpCallback):
                 f"describe (the model input `input` is not one), but got {self.layers!r}."
             )
         if not self.norm_layers and not self.hidden_layers:
-            self.idle = True
-            self.problems.report(
+            self._go_idle(
                 "nothing_to_watch",
                 "found no normalization layer and no hidden layer (no repeated blocks, no nonlinearity module, "
-                "fewer than two weight layers) and stays idle in this fit; pass `layers=` naming the modules "
-                "whose outputs to describe, or `norm_types=` for normalization classes it does not recognise",
+                "fewer than two weight layers); pass `layers=` naming the modules whose outputs to describe, or "
+                "`norm_types=` for normalization classes it does not recognise",
             )
         self._functional = called_functionally(pl_module)
 

@@ -141,7 +141,6 @@ class RepresenterMonitor(PeriodicDumpCallback):
         self.seed = seed
         self.head: nn.Linear | None = None
         #: why the monitor stopped for this fit (no final linear layer, head input not per example), else None
-        self.idle: str | None = None
         self.last: dict[str, Any] = {}
         self.dumps = 0
         self._head_name = ""
@@ -187,12 +186,6 @@ class RepresenterMonitor(PeriodicDumpCallback):
                 f"{self.layer!r} is {type(modules[self.layer]).__name__}."
             )
         self.head, self._head_name = modules[self.layer], self.layer  # type: ignore[assignment]
-
-    def _go_idle(self, kind: str, reason: str) -> None:
-        """Stop for the rest of this fit (hooks removed), warning once why and which argument to pass."""
-        self.idle = reason
-        self.hooks.remove()
-        self.problems.report(kind, f"{reason}. RepresenterMonitor stays idle for the rest of this fit")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
