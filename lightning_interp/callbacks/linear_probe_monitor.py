@@ -179,7 +179,6 @@ class LinearProbeMonitor(InterpCallback):
         self._capture: ActivationCapture | None = None
         self._counters: dict[str, dict[str, AccuracyCounter]] = {"train": {}, "val": {}}
         self._pending_state: dict[str, Any] | None = None
-        self._targets_checked = False
         self._first_batch = False
         self._fired_checked = False
         self._fitted_step: int | None = None
@@ -280,9 +279,7 @@ class LinearProbeMonitor(InterpCallback):
         capture.active = False
         try:
             unpacked = self._unpack(batch, require_targets)
-        except LightningInterpError:
-            if not self._targets_checked:
-                raise
+        except LightningInterpError:  # the first training batch was checked (_first_batch_problem): skip, count
             self.problems.report("bad_batch", "a batch had no recognisable (inputs, targets); it is skipped")
             return None
         if any(layer.is_input for layer in self.resolved_layers) and unpacked.inputs.is_floating_point():
@@ -323,7 +320,6 @@ class LinearProbeMonitor(InterpCallback):
             )
         if problem is not None and explicit is not None:
             raise LightningInterpError(f"{problem} (with `{explicit}` given)")
-        self._targets_checked = problem is None
         return problem
 
     @staticmethod
@@ -644,4 +640,3 @@ class LinearProbeMonitor(InterpCallback):
         history = state["history"]
         self.history = {split: {n: list(v) for n, v in history[split].items()} for split in ("train", "val")}
         self._pending_state = state["bank"]
-        self._targets_checked = False
