@@ -135,3 +135,89 @@ def test_the_readme_hugging_face_lines_run_as_written(tmp_path: Path, monkeypatc
     probes = next(c for c in trainer.callbacks if isinstance(c, LinearProbeMonitor))
     assert [layer.name for layer in probes.resolved_layers][:2] == ["model.bert.embeddings", "model.bert.encoder.layer.0"]
     assert all(len(curve) == trainer.max_epochs for curve in probes.history["val"].values())
+
+
+class BasicBlock(torch.nn.Module):
+    """torchvision's BasicBlock, written out: one in-place ReLU module used twice, a downsample branch."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TorchvisionStyleResNet(torch.nn.Module):
+    """torchvision's ResNet layout (stem conv-bn-relu-maxpool, stages ``layer1``.. as nn.Sequential, avgpool, fc)
+    at digits size, with a single-block last stage."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()  # 8x8 inputs: torchvision's 3x3/2 max-pool would leave too little
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2), BasicBlock(32, 32))
+        self.layer3 = nn.Sequential(BasicBlock(32, 64, stride=2))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _resnet_module():  # type: ignore[no-untyped-def]
+    from lightning_interp.models import ClassifierModule
+    from torchmetrics.classification import MulticlassAccuracy
+
+    class Wrapped(ClassifierModule):
+        def __init__(self) -> None:
+            super().__init__(lr=3e-3)
+            self.net = TorchvisionStyleResNet()
+            self.val_accuracy = MulticlassAccuracy(10, average="micro")
+
+    return Wrapped()
+
+
+@pytest.mark.slow
+def test_a_torchvision_style_resnet_with_shared_inplace_relus(tmp_path: Path) -> None:
+    from lightning_interp.data import DigitsDataModule
+
+    blocks = ["net.layer1.0", "net.layer1.1", "net.layer2.0", "net.layer2.1", "net.layer3.0"]
+    callbacks = the_suite()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, trainer = fit(callbacks, model_fn=_resnet_module, datamodule=DigitsDataModule(), max_epochs=2,
+                             log_every_n_steps=5,
+                             logger=TensorBoardLogger(str(tmp_path), name="resnet", version="", default_hp_metric=False))
+        reference, _ = fit([], model_fn=_resnet_module, datamodule=DigitsDataModule(), max_epochs=2)
+    assert_same_weights(weights_of(reference), weights_of(model))
+    probes, representer = callbacks[0], callbacks[4]
+    # the blocks (the single-block last stage included) after the stem's last module; inside-block ReLUs not
+    assert [layer.name for layer in probes.resolved_layers] == ["input", "net.maxpool", *blocks]
+    assert all(probes.history["val"][name][-1] > 0.5 for name in blocks)
+    events = EventAccumulator(str(tmp_path / "resnet"), size_guidance={SCALARS: 0, IMAGES: 0})
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    for block in blocks:
+        assert f"gradflow/{block}/grad_norm" in scalars and f"norm/{block}/act_std" in scalars
+    assert {f"saliency/{method}/examples" for method in SALIENCY_METHODS} <= images
+    assert representer.dumps >= 1 and representer.last["decomposition_residual"] < 1e-4
+    assert count_hooks(model) == 0
