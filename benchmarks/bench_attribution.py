@@ -380,20 +380,20 @@ def monitor_cost(width: int, repeats: int) -> tuple[list[list[str]], str]:
     model = ResNet18(width=width)
     dm = SyntheticImageDataModule(num_examples=2048, batch_size=128)
     dm.setup("fit")
-    monitor = SaliencyMonitor()
+    defaults = SaliencyMonitor()
     from lightning_interp.examples import select_examples
 
-    inputs, targets, _ = select_examples(dm.val_dataloader(), monitor.num_examples, monitor.seed)
-    monitor._examples = (inputs, targets)
+    inputs, targets, _ = select_examples(dm.val_dataloader(), defaults.num_examples, defaults.seed)
+    monitor = SaliencyMonitor(inputs=inputs, targets=targets)  # the examples the monitor would choose itself
     dumps = []
     for _ in range(repeats):
         model.eval()
         t0 = time.perf_counter()
         result = monitor._compute(model, check=False)
-        (x, labels, predicted, probability), _ = result
-        captions = [monitor._caption(labels, predicted, probability, i) for i in range(x.shape[0])]
+        (batch, labels, predicted, probability), _ = result
+        captions = [monitor._caption(labels, predicted, probability, i) for i in range(len(batch))]
         for method, maps in monitor.last_maps.items():
-            monitor._draw(x, maps, method, captions)
+            monitor._draw(batch, maps, method, captions)
         dumps.append(time.perf_counter() - t0)
     model.train()
     opt = torch.optim.Adam(model.parameters(), 1e-3)

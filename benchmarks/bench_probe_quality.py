@@ -5,6 +5,7 @@ as tests/test_probe_truth.py), one row per model.
     python benchmarks/bench_probe_quality.py            # 10 epochs per model
     python benchmarks/bench_probe_quality.py --quick    # 6 epochs (what the test runs)
     python benchmarks/bench_probe_quality.py --tol 1e-6 # a stricter stopping rule than the default 1e-4
+    python benchmarks/bench_probe_quality.py --fit online   # the online (Adam, one step per batch) probes
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--tol", type=float, default=None, help="the monitor's `tol` (default: its own, 1e-4)")
+    parser.add_argument("--fit", choices=("frozen", "online"), default="frozen")
     args = parser.parse_args()
     epochs = args.epochs or (6 if args.quick else 10)
-    options = {} if args.tol is None else {"tol": args.tol}
+    options = {"fit": args.fit, **({} if args.tol is None else {"tol": args.tol})}
     rows = []
     for name, model_fn in MODELS.items():
         iterations: list[int] = []
@@ -45,9 +47,9 @@ def main() -> None:
             name, len(final), f"{100 * max(gaps[-1]):.1f}", f"{100 * worst_from_third:.1f}",
             f"{100 * sum(map(sum, gaps[2:])) / sum(map(len, gaps[2:])):.2f}",
             f"{monitor.history['val'][deepest][-1]:.3f} / {final[deepest]:.3f}",
-            f"{sum(iterations) / len(iterations):.0f}",
+            f"{sum(iterations) / len(iterations):.0f}" if iterations else "-",
         ])  # fmt: skip
-    print(f"\nMachine: {machine()}; {epochs} epochs per model; tol {args.tol or 'default (1e-4)'}\n")
+    print(f"\nMachine: {machine()}; {epochs} epochs per model; fit={args.fit!r}, tol {args.tol or 'default (1e-4)'}\n")
     print(table(rows, ["model", "layers", "final: worst gap (points)", "epochs 3+: worst gap (points)",
                        "epochs 3+: mean gap (points)", "deepest layer, final: monitor / offline",
                        "L-BFGS iterations per layer fit (mean)"]))  # fmt: skip

@@ -12,6 +12,7 @@ measured side by side in one run.
     python benchmarks/bench_transformer.py                # BERT-base shape
     python benchmarks/bench_transformer.py --blocks 4     # fewer blocks when a step takes too long
     python benchmarks/bench_transformer.py --quick        # 2 blocks, hidden 256, sequence 64 (a smoke run)
+    python benchmarks/bench_transformer.py --no-periodic --steps 9   # step times only, more samples
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=5, help="training steps per fit (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-periodic", action="store_true", help="step times only")
     args = parser.parse_args()
     shape = dict(vocab=30522, hidden=768, heads=12, blocks=args.blocks, length=128, batch=16)
     if args.quick:
@@ -202,14 +204,18 @@ def main() -> None:
                      f"{amortized:.3f}x"])  # fmt: skip
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        periodic = periodic_costs(shape, Path(tmp))
+    periodic = {}
+    if not args.no_periodic:
+        with tempfile.TemporaryDirectory() as tmp:
+            periodic = periodic_costs(shape, Path(tmp))
     epoch = EPOCH_STEPS * base
     print(f"\nMachine: {machine()}")
     print(f"Model: BertForSequenceClassification, {shape['blocks']} blocks, hidden {shape['hidden']}, "
           f"{shape['heads']} heads, sequence {shape['length']}, batch {shape['batch']}, vocabulary {shape['vocab']}\n")
     print(table(rows, ["callbacks (defaults)", "unlogged step s", "logged step s", "unlogged ratio", "logged ratio",
                        "amortized at log_every_n_steps=50"]))  # fmt: skip
+    if not periodic:
+        return
     print(f"\nPeriodic work against an epoch of {EPOCH_STEPS} steps ({EPOCH_STEPS * shape['batch']:,} examples, "
           f"{epoch:.0f} s at the baseline step):\n")
     print(table([[name, f"{s:.1f}", f"{100 * s / epoch:.1f}%"] for name, s in periodic.items()],
