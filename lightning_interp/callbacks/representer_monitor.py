@@ -84,7 +84,13 @@ class RepresenterMonitor(PeriodicDumpCallback):
         num_examples: validation examples explained.
         k: proponents and opponents shown per example.
         num_suspects: rows of the suspect-label table.
-        max_train_examples: refit on a fixed random subset of this many training examples (all when ``None``).
+        max_train_examples: refit on a fixed random subset of this many training examples (drawn once from
+            ``seed``; the whole training set when it is smaller, or when ``None``). Proponents, opponents and
+            suspect labels are then found among that subset. At the default 8,192, on a 32,768-example problem
+            (``benchmarks/bench_representer_cap.py``), the explained logits are within 0.3% of a refit on all of
+            it, the predicted class the same for 99.9% of examples, 90% of the top-4 proponents among the sampled
+            examples the same as the full refit ranks them, and the suspect ranking finds flipped labels as often
+            (95% of the top 20) as on the whole set.
         sparse_pool: validation examples searched for sparse (unsupported) predictions.
         batch_size: batch size of the feature pass.
         tol: stationarity the refit runs to.
@@ -115,7 +121,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
         num_examples: int = 8,
         k: int = 4,
         num_suspects: int = 20,
-        max_train_examples: int | None = None,
+        max_train_examples: int | None = 8192,
         sparse_pool: int = 256,
         batch_size: int = 256,
         tol: float = 1e-9,
