@@ -80,8 +80,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+def machine(device: str = "cpu") -> str:
+    """The machine a table was measured on (and the GPU, when ``device`` is ``"cuda"``)."""
+    text = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device == "cuda" and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def synchronize(device: str) -> None:
+    """Wait for the accelerator's queued work before a timer is read (nothing to wait for on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
