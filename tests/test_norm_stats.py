@@ -340,3 +340,30 @@ def test_state_round_trip_and_repr():
     assert fresh.nonfinite_events == 2
     assert "every_n_epochs=3" in repr(monitor) and fresh.state_key == monitor.state_key
     assert NormStatsMonitor().state_key != monitor.state_key
+
+
+def test_batchnorm_moments_are_computed_once_with_both_monitors(monkeypatch):
+    """With NormStatsMonitor and GradFlowMonitor on one logged step, each BatchNorm input's channel moments are
+    computed once (GradFlow's gains reuse NormStats'); a train-mode BatchNorm's output moments come in closed
+    form from gamma and beta (no pass over the output), and still match the output (the hand-computation test
+    above checks out_mean/out_std)."""
+    from lightning_interp.callbacks import GradFlowMonitor
+    from lightning_interp.stats import norm_stats
+
+    computed = []
+    real = norm_stats._compute_channel_moments
+    monkeypatch.setattr(norm_stats, "_compute_channel_moments", lambda x: computed.append(x.shape) or real(x))
+
+    def moments_computed(callbacks):
+        computed.clear()
+        fit(callbacks, lambda: DigitsCNN(norm="batch"), max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+            log_every_n_steps=1)  # fmt: skip
+        return len(computed)
+
+    monitor = NormStatsMonitor()
+    norm_alone, gradflow_alone = moments_computed([monitor]), moments_computed([GradFlowMonitor()])
+    assert gradflow_alone > 0  # GradFlow computes BatchNorm gains on this plain chain
+    assert moments_computed([NormStatsMonitor(), GradFlowMonitor()]) == norm_alone
+    # per logged step: one computation per BatchNorm input and per hidden output, none for BatchNorm outputs
+    assert len(monitor.norm_layers) == 4 and len(monitor.hidden_layers) > 0
+    assert norm_alone == 2 * (len(monitor.norm_layers) + len(monitor.hidden_layers))

@@ -43,6 +43,8 @@ conv map:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -83,12 +85,46 @@ _BATCHED_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 
 
 
 def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (dim 1) mean and biased variance of ``x`` (N, C, ...), by two passes (about twice as fast
-    as ``torch.var_mean`` on CPU, and as accurate)."""
+    """Per-channel (dim 1) mean and biased variance of ``x`` (N, C, ...) in float32, by two passes (about twice
+    as fast as ``torch.var_mean`` on CPU, and as accurate). The last few results are remembered for the very tensor
+    they were computed from (same object, same version: not modified in place since), so two callers on one
+    forward — NormStatsMonitor's statistics and GradFlowMonitor's gains of the same BatchNorm — pay once."""
+    key = id(x)
+    remembered = _MOMENTS.get(key)
+    if remembered is not None and remembered[0]() is x and remembered[1] == x._version:
+        return remembered[2]
+    moments = _compute_channel_moments(x.detach().float())
+    if len(_MOMENTS) >= _MOMENTS_KEPT:
+        _MOMENTS.pop(next(iter(_MOMENTS)))
+    _MOMENTS[key] = (weakref.ref(x), x._version, moments)
+    return moments
+
+
+def _compute_channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = [0, *range(2, x.dim())]
     mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).square().mean(dim=dims)
-    return mean.reshape(-1), var
+    return mean.reshape(-1), (x - mean).square().mean(dim=dims)
+
+
+# id(tensor) -> (weak reference to it, its version, its channel moments): a few per-channel vectors, never the
+# tensors themselves (a weak reference keeps nothing alive; a reused id fails the identity check).
+_MOMENTS: dict[int, tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor]]] = {}
+_MOMENTS_KEPT = 64
+
+
+def _batchnorm_output_moments(
+    module: nn.Module, moments: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of a BatchNorm's output when it normalizes by the batch's own moments:
+    ``y_c = gamma_c (x_c - mu_c) / sqrt(var_c + eps) + beta_c`` has mean ``beta_c`` and variance
+    ``gamma_c^2 var_c / (var_c + eps)``, so no pass over the output is needed."""
+    var = moments[1]
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    scale = var / (var + module.eps)
+    if isinstance(weight, torch.Tensor):
+        scale = weight.detach().float().square() * scale
+    mean = bias.detach().float() if isinstance(bias, torch.Tensor) else torch.zeros_like(var)
+    return mean, scale
 
 
 def _mean_std(
@@ -147,11 +183,11 @@ def divisor_std(
         >>> divisor_std(bn, torch.tensor([[0.0, 1.0], [2.0, 5.0]])).tolist()
         [1.0, 2.0]
     """
-    x = x.detach().float()
     eps = getattr(module, "eps", None)
+    if isinstance(module, _BATCHNORMS) and _uses_batch_stats(module):
+        return ((moments or _channel_moments(x))[1] + eps).sqrt()  # the caller's tensor: shared moments
+    x = x.detach().float()
     if isinstance(module, _BATCHNORMS):
-        if _uses_batch_stats(module):
-            return ((moments or _channel_moments(x))[1] + eps).sqrt()
         var = (running or snapshot_running_stats(module))[1].float()
         return (var + eps).sqrt()
     if isinstance(module, _INSTANCENORMS):
@@ -344,12 +380,14 @@ def norm_layer_stats(
     """
     xf, yf = x.detach().float(), y.detach().float()
     is_bn = isinstance(module, _BATCHNORMS)
-    moments = (
-        _channel_moments(xf) if is_bn else None
-    )  # computed once: global stats, sigma and running distance
+    # computed once: global stats, sigma and running distance (and shared with other callers on this forward)
+    moments = _channel_moments(x) if is_bn else None
     stats: dict[str, torch.Tensor] = {}
     stats["in_mean"], stats["in_std"] = _mean_std(xf, moments)
-    stats["out_mean"], stats["out_std"] = _mean_std(yf)
+    if is_bn and _uses_batch_stats(module) and not isinstance(module, nn.SyncBatchNorm):  # local = its moments
+        stats["out_mean"], stats["out_std"] = _mean_std(yf, _batchnorm_output_moments(module, moments))
+    else:
+        stats["out_mean"], stats["out_std"] = _mean_std(yf)
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(weight, torch.Tensor):
         stats["gamma_abs_mean"] = weight.detach().float().abs().mean()
