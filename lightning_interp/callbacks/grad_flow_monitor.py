@@ -40,7 +40,7 @@ from lightning_interp.stats.grad_flow import (
     weight_matrix,
 )
 from lightning_interp.stats.norm_stats import FIT_TOLERANCE, effective_gain, is_feature_norm
-from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_writer
+from lightning_interp.tensorboard import add_custom_scalar_charts, add_rgb_image, tensorboard_writer
 
 __all__ = ["GradFlowMonitor"]
 
@@ -496,7 +496,7 @@ class GradFlowMonitor(InterpCallback):
         writer = tensorboard_writer(trainer, self.problems)
         if writer is None:
             return
-        writer.add_image("gradflow/figure", self.figure(), trainer.global_step, dataformats="HWC")
+        add_rgb_image(writer, "gradflow/figure", self.figure(), trainer.global_step)
         writer.flush()
 
     def figure(self) -> np.ndarray:

@@ -26,7 +26,7 @@ from lightning_interp.hooks import ActivationCapture
 from lightning_interp.layers import INPUT, Layer, called_functionally, last_linear, never_ran_message, select_layers
 from lightning_interp.probes import SEQUENCE_REDUCTIONS, AccuracyCounter, ActivationReducer, ProbeBank
 from lightning_interp.render import colorize, upscale
-from lightning_interp.tensorboard import add_custom_scalar_charts, tensorboard_writer
+from lightning_interp.tensorboard import add_custom_scalar_charts, add_rgb_image, tensorboard_writer
 
 __all__ = ["LinearProbeMonitor"]
 
@@ -608,7 +608,7 @@ class LinearProbeMonitor(InterpCallback):
     def _write_depth_image(self, trainer: Trainer) -> None:
         writer = tensorboard_writer(trainer)
         if writer is not None:
-            writer.add_image("probe/acc_vs_depth", self.depth_image(), trainer.current_epoch, dataformats="HWC")
+            add_rgb_image(writer, "probe/acc_vs_depth", self.depth_image(), trainer.current_epoch)
             writer.flush()
 
     def depth_image(self, cell: int = 16) -> Any:

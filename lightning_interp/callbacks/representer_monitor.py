@@ -33,7 +33,7 @@ from lightning_interp.examples import (
 from lightning_interp.layers import last_linear, named_submodules
 from lightning_interp.render import tile, to_rgb, upscale
 from lightning_interp.saliency_render import text_image
-from lightning_interp.tensorboard import log_dir, tensorboard_writer
+from lightning_interp.tensorboard import add_rgb_image, log_dir, tensorboard_writer
 
 __all__ = ["RepresenterMonitor"]
 
@@ -403,8 +403,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
         if examples is not None:
             shown = self._examples
             if _is_image(shown.inputs) and self._train_example(trainer, 0) is not None:
-                writer.add_image("representer/examples", self._grid(trainer, examples, result), step,
-                                 dataformats="HWC")  # fmt: skip
+                add_rgb_image(writer, "representer/examples", self._grid(trainer, examples, result), step)
             else:
                 writer.add_text("representer/examples", self._table(trainer, examples, result), step)
             sparse = result["sparse"]

@@ -29,7 +29,7 @@ from lightning_interp.errors import LightningInterpError
 from lightning_interp.examples import example_source, select_example_batch
 from lightning_interp.layers import NORMALIZATIONS, Layer
 from lightning_interp.saliency_render import image_grid, input_kind, sequence_strip, tabular_chart, token_strip
-from lightning_interp.tensorboard import tensorboard_writer
+from lightning_interp.tensorboard import add_rgb_image, tensorboard_writer
 
 __all__ = ["SaliencyMonitor"]
 
@@ -367,7 +367,7 @@ class SaliencyMonitor(PeriodicDumpCallback):
         captions = [self._caption(labels, predicted, probability, i) for i in range(len(batch))]
         for method, maps in self.last_maps.items():
             picture = self._draw(batch, maps, method, captions)
-            writer.add_image(f"saliency/{method}/examples", picture, trainer.global_step, dataformats="HWC")
+            add_rgb_image(writer, f"saliency/{method}/examples", picture, trainer.global_step)
         writer.add_text("saliency/predictions", self._table(labels, predicted, probability), trainer.global_step)
         writer.flush()
 
