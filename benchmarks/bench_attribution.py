@@ -38,7 +38,8 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import machine, table  # noqa: E402
+import common  # noqa: E402
+from common import device_arguments, add_device_arguments, clock, machine, table, use_device  # noqa: E402
 
 from lightning_interp.attribution import (  # noqa: E402
     guided_backprop,
@@ -97,6 +98,13 @@ _allocated_mb = _allocation_probe()
 def peak_memory(fn: Callable[[], torch.Tensor]) -> float:
     """Peak allocated memory of a call of ``fn`` above the starting level (MB). The sampling thread slows calls
     that allocate often (ours by ~25% on ResNet-18 w16), so timings come from calls without it."""
+    if common.DEVICE == "cuda":  # the allocator's own peak counter, exact
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return max(0.0, (torch.cuda.max_memory_allocated() - start) / 2**20)
     start, peak, done = _allocated_mb(), [0.0], threading.Event()
 
     def sample() -> None:
@@ -123,9 +131,9 @@ def _minor_faults() -> int:
 
 def _timed(fn: Callable[[], object]) -> tuple[float, int, object]:
     """One call of ``fn``: its wall time (s), the page faults it took (:func:`_minor_faults`) and its result."""
-    f0, t0 = _minor_faults(), time.perf_counter()
+    f0, t0 = _minor_faults(), clock()
     result = fn()
-    return time.perf_counter() - t0, _minor_faults() - f0, result
+    return clock() - t0, _minor_faults() - f0, result
 
 
 def _count(n: float) -> str:
@@ -184,11 +192,12 @@ def setups(width: int, batch: int) -> dict[str, Callable[[], tuple[torch.nn.Modu
     def digits() -> tuple[torch.nn.Module, torch.Tensor]:
         images, _ = load_digits_tensors()
         torch.manual_seed(0)
-        return DigitsCNN(), images[:32]
+        return DigitsCNN().to(common.DEVICE), images[:32].to(common.DEVICE)
 
     def resnet() -> tuple[torch.nn.Module, torch.Tensor]:
         torch.manual_seed(0)
-        return ResNet18(width=width), torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        return ResNet18(width=width).to(common.DEVICE), images.to(common.DEVICE)
 
     return {"digits CNN": digits, f"ResNet-18 w{width}": resnet}
 
@@ -197,7 +206,7 @@ def compare_methods(
     name: str, model: torch.nn.Module, x: torch.Tensor, steps: int, samples: int, repeats: int
 ):
     model.eval()
-    t = torch.arange(x.shape[0]) % 10
+    t = torch.arange(x.shape[0], device=x.device) % 10
     rows = []
     for method, (ours, theirs, tuned) in methods(model, x, t, steps, samples, 0.15).items():
         runs: dict[str, list[tuple[float, float]]] = {"ours": [], "captum": [], "tuned": []}
@@ -233,9 +242,9 @@ def compare_methods(
 def pass_sizes(model: torch.nn.Module, shape: tuple[int, ...], points: int, sizes: list[int], repeats: int):
     """Time per point of the input-gradient pass over ``points`` random inputs in passes of each size (interleaved
     medians), with the size our default picks for this model marked."""
-    model.eval()
-    x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
-    t = torch.arange(points) % 10
+    model.eval().to(common.DEVICE)
+    x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0)).to(common.DEVICE)
+    t = torch.arange(points, device=x.device) % 10
     with gradient_scope(model):
         with saved_bytes(model) as count:
             model(x[:32].clone().requires_grad_(True))
@@ -271,6 +280,7 @@ def faster_kernels(width: int, points: int, repeats: int, compiled: bool) -> lis
     """One input-gradient pass of ResNet-18 over ``points`` inputs with the kernels Captum uses (NCHW), with
     channels_last inputs and (``compiled``) through ``torch.compile``: time, and the error of each against the
     same pass in float64, next to the difference from the NCHW result and the ReLUs whose sign differs there.
+    A study of this CPU's kernels: it runs on the CPU whatever ``--device`` says.
     """
     torch.manual_seed(0)
     net = ResNet18(width=width).net
@@ -312,9 +322,9 @@ def faster_kernels(width: int, points: int, repeats: int, compiled: bool) -> lis
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, (model, inputs) in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             gradient(model, inputs)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     masks = {name: relu_inputs(model, inputs) for name, (model, inputs) in variants.items()}
     nchw = "NCHW (as Captum)"
     rows = []
@@ -335,7 +345,7 @@ def _worker(spec: str, width: int, batch: int, steps: int, samples: int) -> None
     model_name, method, library, calls = spec.split(",")
     model, x = setups(width, batch)[model_name]()
     model.eval()
-    table = methods(model, x, torch.arange(x.shape[0]) % 10, steps, samples, 0.15)
+    table = methods(model, x, torch.arange(x.shape[0], device=x.device) % 10, steps, samples, 0.15)
     fn = next(fns for name, fns in table.items() if name.startswith(method))[0 if library == "ours" else 1]
     print(json.dumps([_timed(fn)[:2] for _ in range(int(calls))]))
 
@@ -358,7 +368,7 @@ def isolated(
                     command = [
                         sys.executable, os.path.abspath(__file__), "--worker",
                         f"{model_name},{method},{library},{n_calls}", "--width", str(width), "--batch", str(batch),
-                        "--steps", str(n_steps), "--samples", str(n_samples),
+                        "--steps", str(n_steps), "--samples", str(n_samples), *device_arguments(),
                     ]  # fmt: skip
                     done = subprocess.run(command, capture_output=True, text=True, check=True)
                     runs[library].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -377,36 +387,37 @@ def isolated(
 def monitor_cost(width: int, repeats: int) -> tuple[list[list[str]], str]:
     """One dump at the monitor's defaults vs one epoch (16 steps of batch 128) of ResNet-18 training."""
     torch.manual_seed(0)
-    model = ResNet18(width=width)
+    model = ResNet18(width=width).to(common.DEVICE)
     dm = SyntheticImageDataModule(num_examples=2048, batch_size=128)
     dm.setup("fit")
     defaults = SaliencyMonitor()
     from lightning_interp.examples import select_examples
 
     inputs, targets, _ = select_examples(dm.val_dataloader(), defaults.num_examples, defaults.seed)
+    inputs, targets = inputs.to(common.DEVICE), targets.to(common.DEVICE)
     monitor = SaliencyMonitor(inputs=inputs, targets=targets)  # the examples the monitor would choose itself
     dumps = []
     for _ in range(repeats):
         model.eval()
-        t0 = time.perf_counter()
+        t0 = clock()
         result = monitor._compute(model, check=False)
         (batch, labels, predicted, probability), _ = result
         captions = [monitor._caption(labels, predicted, probability, i) for i in range(len(batch))]
         for method, maps in monitor.last_maps.items():
             monitor._draw(batch, maps, method, captions)
-        dumps.append(time.perf_counter() - t0)
+        dumps.append(clock() - t0)
     model.train()
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = (t.to(common.DEVICE) for t in next(iter(dm.train_dataloader())))
     steps = []
     for i in range(2):
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if i > 0:  # the first step warms up
-            steps.append(time.perf_counter() - t0)
+            steps.append(clock() - t0)
     dump, step = statistics.median(dumps), statistics.median(steps)
     epoch = 16 * step
     rows = [
@@ -459,7 +470,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per library (--isolated)")
     parser.add_argument("--calls", type=int, default=2, help="calls per ResNet process (--isolated)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_device_arguments(parser)
     args = parser.parse_args()
+    use_device(args)
     q = args.quick
     width = args.width or (16 if q else 64)
     batch = args.batch or (8 if q else 32)

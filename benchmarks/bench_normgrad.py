@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from common import compare, machine, table  # noqa: E402
+from common import add_device_arguments, clock, compare, machine, table, trainer_options, use_device  # noqa: E402
 from lightning import Callback  # noqa: E402
 
 from lightning_interp.callbacks import GradFlowMonitor, NormStatsMonitor  # noqa: E402
@@ -84,11 +83,11 @@ class MonitorClock:
     def wrap(self, fn: Callable[..., Any], owner: str, part: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             self.stack.append(owner)
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 self.stack.pop()
                 self.parts[(owner, part)] += elapsed
                 self.calls[(owner, part)] += 1
@@ -150,7 +149,7 @@ class StepLedger(Callback):
         self._logged = logged_step(trainer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
+        now = clock()
         totals, parts, calls = self.clock.take()
         if self._last is not None:  # the first step is the warm-up: no window before it
             self.steps.append(
@@ -165,10 +164,10 @@ def hook_dispatch_cost(calls: int = 20000) -> float:
     x = torch.zeros(1)
 
     def per_call() -> float:
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             module(x)
-        return (time.perf_counter() - start) / calls
+        return (clock() - start) / calls
 
     plain = min(per_call() for _ in range(3))
     handle = module.register_forward_hook(lambda m, a, o: None)
@@ -190,7 +189,7 @@ def account_run(
     model = ResNet18(width=width)
     model.log = clock.wrap_log(model.log)  # type: ignore[method-assign]
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps + 1, limit_val_batches=0, logger=False,
+        **trainer_options(), max_steps=steps + 1, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=every, callbacks=[*monitors, ledger],
     )  # fmt: skip
@@ -200,7 +199,7 @@ def account_run(
 
 def account(width: int, steps: int) -> None:
     dispatch = hook_dispatch_cost()
-    started = time.perf_counter()
+    started = clock()
     runs = {}
     for every in (DEFAULT_EVERY, 1):
         for with_monitors in (False, True):
@@ -257,7 +256,7 @@ def account(width: int, steps: int) -> None:
             for part, values in parts.items():
                 detail.append([every, owner, part, calls[part], f"{statistics.median(values) * 1e3:.3f}"])
     print(f"\nAccounting: ResNet-18 width {width}, 3x32x32, batch 128; per configuration 1 warm-up + {steps} steps")
-    print(f"Machine: {machine()}; run took {time.perf_counter() - started:.0f} s")
+    print(f"Machine: {machine()}; run took {clock() - started:.0f} s")
     print(f"Hook dispatch (no-op forward hook on nn.Identity): {dispatch * 1e6:.2f} us per hooked module call\n")
     print(
         table(
@@ -293,7 +292,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--account", action="store_true", help="time inside the monitors per step (precise)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
+    add_device_arguments(parser)
     args = parser.parse_args()
+    use_device(args)
     width = 16 if args.quick else 64
     if args.account:
         account(width, args.steps or (3 if args.quick else 5))

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, table  # noqa: E402
+from common import add_device_arguments, machine, table, trainer_options, use_device  # noqa: E402
 
 from tests.test_probe_truth import MODELS, fit_with_reference  # noqa: E402
 
@@ -29,13 +29,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--tol", type=float, default=None, help="the monitor's `tol` (default: its own, 1e-4)")
     parser.add_argument("--fit", choices=("frozen", "online"), default="frozen")
+    add_device_arguments(parser)
     args = parser.parse_args()
+    use_device(args)
     epochs = args.epochs or (6 if args.quick else 10)
     options = {"fit": args.fit, **({} if args.tol is None else {"tol": args.tol})}
     rows = []
     for name, model_fn in MODELS.items():
         iterations: list[int] = []
-        monitor, reference = fit_with_reference(model_fn, epochs, on_fit=iterations.extend, **options)
+        monitor, reference = fit_with_reference(model_fn, epochs, on_fit=iterations.extend, trainer_options=trainer_options(),
+                                                **options)
         gaps = [
             [abs(monitor.history["val"][layer][e] - offline[layer]) for layer in offline]
             for e, offline in enumerate(reference.scores)

@@ -21,13 +21,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import compare, machine, run_steps, table  # noqa: E402
+from common import device_arguments, add_device_arguments, clock, compare, machine, run_steps, table, trainer_options, use_device  # noqa: E402
 
 import lightning as L  # noqa: E402
 
@@ -63,9 +62,9 @@ class TimedFits(LinearProbeMonitor):
         self.fit_seconds: list[float] = []
 
     def _fit_frozen(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
+        start = clock()
         super()._fit_frozen(trainer, pl_module)
-        self.fit_seconds.append(time.perf_counter() - start)
+        self.fit_seconds.append(clock() - start)
 
 
 class EpochTimer(L.Callback):
@@ -73,10 +72,10 @@ class EpochTimer(L.Callback):
         self.seconds: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
-        self._start = time.perf_counter()
+        self._start = clock()
 
     def on_validation_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
-        self.seconds.append(time.perf_counter() - self._start)  # the training part of the epoch
+        self.seconds.append(clock() - self._start)  # the training part of the epoch
 
 
 def epoch_cost(model_fn, dm_fn, epochs: int) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
@@ -84,7 +83,7 @@ def epoch_cost(model_fn, dm_fn, epochs: int) -> tuple[float, float, int]:  # typ
     monitor, timer = TimedFits(), EpochTimer()
     L.seed_everything(0, verbose=False)
     dm = dm_fn()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=epochs, **trainer_options(), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=1, callbacks=[timer, monitor])  # fmt: skip
     with warnings.catch_warnings():
@@ -100,13 +99,13 @@ def whole_fit(repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         for name, callbacks in (("without", []), ("with LinearProbeMonitor", [LinearProbeMonitor()])):
             L.seed_everything(0, verbose=False)
-            trainer = L.Trainer(max_epochs=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+            trainer = L.Trainer(max_epochs=10, **trainer_options(), logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)  # fmt: skip
-            start = time.perf_counter()
+            start = clock()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 trainer.fit(DigitsCNN(), datamodule=DigitsDataModule())
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -117,7 +116,7 @@ def child(setup_name: str, config: str, quick: bool) -> None:
 
 
 def peak_memory(setup_name: str, config: str, quick: bool) -> float:
-    args = [sys.executable, __file__, "--child", setup_name, config] + (["--quick"] if quick else [])
+    args = [sys.executable, __file__, "--child", setup_name, config, *device_arguments()] + (["--quick"] if quick else [])
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -127,7 +126,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", nargs=2)
+    add_device_arguments(parser)
     args = parser.parse_args()
+    use_device(args)
     if args.child:
         child(*args.child, args.quick)
         return

@@ -28,7 +28,6 @@ import importlib
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,7 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, synchronize, table  # noqa: E402
+import common  # noqa: E402
+from common import add_device_arguments, clock, machine, table, trainer_options, use_device  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -65,8 +65,7 @@ class SuiteClock:
     """Seconds spent in the callbacks' code, per (callback, family) and per (callback, method), outermost calls
     only. ``phase`` is the family of whatever the trainer is doing; a :class:`PhaseTracker` keeps it current."""
 
-    def __init__(self, device: str) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self.phase = "start of fit"
         self.depth = 0
         self.families: defaultdict[tuple[str, str], float] = defaultdict(float)
@@ -91,13 +90,11 @@ class SuiteClock:
                 return fn(*args, **kwargs)
             family = self.family_of(method) if lightning_hook else self.phase
             self.depth += 1
-            synchronize(self.device)
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                synchronize(self.device)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 self.depth -= 1
                 self.families[(owner, family)] += elapsed
                 self.methods[(owner, method)] += elapsed
@@ -153,40 +150,38 @@ def setups(quick: bool) -> dict[str, tuple[Callable[[], L.LightningModule], Call
     }  # fmt: skip
 
 
-def fit_once(setup: tuple, with_suite: bool, device: str, precision: str, root: Path) -> tuple[float, SuiteClock]:
+def fit_once(setup: tuple, with_suite: bool, root: Path) -> tuple[float, SuiteClock]:
     model_fn, datamodule_fn, epochs = setup
     L.seed_everything(0, verbose=False)
-    clock = SuiteClock(device)
-    callbacks: list[Callback] = [PhaseTracker(clock)]
+    ledger = SuiteClock()
+    callbacks: list[Callback] = [PhaseTracker(ledger)]
     if with_suite:
         for callback in suite():
-            clock.instrument(callback)
+            ledger.instrument(callback)
             callbacks.append(callback)
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator=device, devices=1, precision=precision, callbacks=callbacks,
+        max_epochs=epochs, **trainer_options(), callbacks=callbacks,
         logger=TensorBoardLogger(save_dir=str(root), name="suite" if with_suite else "without"),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     model, datamodule = model_fn(), datamodule_fn()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         trainer.fit(model, datamodule=datamodule)
-        synchronize(device)
-    return time.perf_counter() - start, clock
+    return clock() - start, ledger
 
 
-def measure(name: str, setup: tuple, rounds: int, device: str, precision: str) -> None:
+def measure(name: str, setup: tuple, rounds: int) -> None:
     walls: dict[bool, list[float]] = {False: [], True: []}
     clocks: list[SuiteClock] = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):
             for with_suite in (False, True):
-                wall, clock = fit_once(setup, with_suite, device, precision, Path(tmp))
+                wall, ledger = fit_once(setup, with_suite, Path(tmp))
                 walls[with_suite].append(wall)
                 if with_suite:
-                    clocks.append(clock)
+                    clocks.append(ledger)
     base, ours = statistics.median(walls[False]), statistics.median(walls[True])
     owners = sorted({owner for clock in clocks for owner, _ in clock.families})
     per = {key: statistics.median(c.families.get(key, 0.0) for c in clocks)
@@ -197,7 +192,7 @@ def measure(name: str, setup: tuple, rounds: int, device: str, precision: str) -
         rows.append([owner, *[f"{s:.2f}" for s in cells], f"{sum(cells):.2f}", f"{100 * sum(cells) / base:.1f}%"])
     totals = [sum(per.get((o, f), 0.0) for o in owners) for f in FAMILIES]
     rows.append(["**all**", *[f"{s:.2f}" for s in totals], f"{sum(totals):.2f}", f"{100 * sum(totals) / base:.1f}%"])
-    print(f"\n### {name}: {setup[2]} epochs, {rounds} rounds; device {device}, precision {precision}\n")
+    print(f"\n### {name}: {setup[2]} epochs, {rounds} rounds; device {common.DEVICE}, precision {common.PRECISION}\n")
     print(f"fit without: {base:.2f} s (rounds: {', '.join(f'{w:.2f}' for w in walls[False])})  ")
     print(f"fit with the suite: {ours:.2f} s (rounds: {', '.join(f'{w:.2f}' for w in walls[True])})  ")
     print(f"**whole-fit ratio {ours / base:.3f}x**; time in our code {sum(totals):.2f} s = "
@@ -218,14 +213,14 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits", "resnet", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--precision", default="32-true")
+    add_device_arguments(parser)
     args = parser.parse_args()
+    use_device(args)
     rounds = args.rounds or (1 if args.quick else 3)
-    print(f"Machine: {machine(args.device)}; callbacks: {', '.join(type(c).__name__ for c in suite())}")
+    print(f"Machine: {machine()}; callbacks: {', '.join(type(c).__name__ for c in suite())}")
     for name, setup in setups(args.quick).items():
         if args.model in (name, "both"):
-            measure(name, setup, rounds, args.device, args.precision)
+            measure(name, setup, rounds)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table  # noqa: E402
+from common import add_device_arguments, clock, machine, table, trainer_options, use_device  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -97,11 +96,11 @@ class StepTimes(L.Callback):
         self._logged = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
-        self._start, self._logged = time.perf_counter(), logged_step(trainer)
+        self._start, self._logged = clock(), logged_step(trainer)
 
     def end(self, trainer, batch_idx: int) -> None:  # type: ignore[no-untyped-def]
         if batch_idx >= self.warmup:
-            (self.logged if self._logged else self.unlogged).append(time.perf_counter() - self._start)
+            (self.logged if self._logged else self.unlogged).append(clock() - self._start)
 
 
 class StepEnd(L.Callback):
@@ -122,7 +121,7 @@ def run_fit(shape: dict[str, int], callbacks: list, steps: int, n_train: int, lo
             log_every_n_steps: int = 2) -> StepTimes:  # fmt: skip
     L.seed_everything(0, verbose=False)
     times = StepTimes()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps, **trainer_options(), logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=1, log_every_n_steps=log_every_n_steps,
                         callbacks=[times, *callbacks, StepEnd(times)])  # fmt: skip
@@ -161,9 +160,9 @@ def timed(cls: type) -> type:
     method = "_fit_frozen" if cls is LinearProbeMonitor else "_dump"
 
     def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
+        start = clock()
         getattr(super(subclass, self), method)(*args, **kwargs)
-        self.seconds.append(time.perf_counter() - start)
+        self.seconds.append(clock() - start)
 
     subclass = type(f"Timed{cls.__name__}", (cls,), {method: wrapper})
     return subclass
@@ -191,7 +190,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps per fit (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-periodic", action="store_true", help="step times only")
+    add_device_arguments(parser)
     args = parser.parse_args()
+    use_device(args)
     shape = dict(vocab=30522, hidden=768, heads=12, blocks=args.blocks, length=128, batch=16)
     if args.quick:
         shape.update(hidden=256, heads=4, blocks=2, length=64)

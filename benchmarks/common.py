@@ -7,6 +7,7 @@ median over steps and repeats is compared, so machine noise hits both sides alik
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
@@ -22,6 +23,46 @@ from lightning import Callback
 
 torch.set_num_threads(max(1, int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))))
 
+# Where the benchmarks run: set once from the command line by use_device() (--device, --precision).
+DEVICE = "cpu"
+PRECISION = "32-true"
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda`` and ``--precision`` (Lightning's names: ``32-true``, ``bf16-mixed``, ``16-mixed``)."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed (default 32-true)")
+
+
+def use_device(args: argparse.Namespace) -> None:
+    """Take ``--device``/``--precision`` for every Trainer and timer of this run; fail early without CUDA."""
+    global DEVICE, PRECISION
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch build sees no CUDA device (torch.cuda.is_available() is False)")
+    DEVICE, PRECISION = args.device, args.precision
+
+
+def device_arguments() -> list[str]:
+    """The command-line flags that give a child process this run's device and precision."""
+    return ["--device", DEVICE, "--precision", PRECISION]
+
+
+def trainer_options() -> dict[str, Any]:
+    """Accelerator, devices and precision of the run, for ``L.Trainer(**trainer_options(), ...)``."""
+    return {"accelerator": DEVICE, "devices": 1, "precision": PRECISION}
+
+
+def synchronize(device: str | None = None) -> None:
+    """Wait for the accelerator's queued work before a timer is read (nothing to wait for on the CPU)."""
+    if (device or DEVICE) == "cuda":
+        torch.cuda.synchronize()
+
+
+def clock() -> float:
+    """``time.perf_counter()`` after the device's queued work is done: what a GPU timer must read."""
+    synchronize()
+    return time.perf_counter()
+
 
 class StepTimer(Callback):
     def __init__(self, warmup: int = 2) -> None:
@@ -31,7 +72,7 @@ class StepTimer(Callback):
         self._seen = 0
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
+        now = clock()
         if self._last is not None and self._seen >= self.warmup:
             self.times.append(now - self._last)
         self._last = now
@@ -49,7 +90,7 @@ def run_steps(
     L.seed_everything(0, verbose=False)
     timer = StepTimer()
     options: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+        **trainer_options(), max_steps=steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     options.update(trainer_kwargs)
@@ -80,18 +121,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def machine(device: str = "cpu") -> str:
-    """The machine a table was measured on (and the GPU, when ``device`` is ``"cuda"``)."""
+def machine() -> str:
+    """The machine a table was measured on, the GPU and precision included when the run is on one."""
     text = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if device == "cuda" and torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
+    if DEVICE == "cuda":
+        text += f", {torch.cuda.get_device_name()}, precision {PRECISION}"
     return text
-
-
-def synchronize(device: str) -> None:
-    """Wait for the accelerator's queued work before a timer is read (nothing to wait for on the CPU)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

@@ -54,11 +54,11 @@ class Close(Callback):
             self.mode.__exit__(None, None, None)
 
 
-def scalar_reads(callbacks: list[Callback]) -> int:
+def scalar_reads(callbacks: list[Callback], **trainer_options: object) -> int:
     mode = ScalarReads()
     L.seed_everything(0, verbose=False)
     trainer = quiet_trainer([Open(mode), *callbacks, Close(mode)], max_steps=WATCHED_STEP + 1, limit_val_batches=0,
-                            log_every_n_steps=50)  # fmt: skip
+                            log_every_n_steps=50, **trainer_options)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(DigitsCNN(norm="batch"), DigitsDataModule(batch_size=32))
@@ -73,15 +73,20 @@ def test_the_counter_sees_a_host_sync():
     assert scalar_reads([Syncing()]) == scalar_reads([]) + 1
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: LinearProbeMonitor(),
-        lambda: LinearProbeMonitor(fit="online"),
-        lambda: NormStatsMonitor(),
-        lambda: GradFlowMonitor(),
-    ],
-    ids=["probes-frozen", "probes-online", "norm-stats", "grad-flow"],
-)
+MONITORS = [lambda: LinearProbeMonitor(), lambda: LinearProbeMonitor(fit="online"), lambda: NormStatsMonitor(),
+            lambda: GradFlowMonitor()]  # fmt: skip
+MONITOR_IDS = ["probes-frozen", "probes-online", "norm-stats", "grad-flow"]
+
+
+@pytest.mark.parametrize("make", MONITORS, ids=MONITOR_IDS)
 def test_unlogged_step_adds_no_host_sync(make):
     assert scalar_reads([make()]) <= scalar_reads([])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("make", MONITORS, ids=MONITOR_IDS)
+def test_unlogged_cuda_step_adds_no_host_sync(make, precision):
+    """The same count on a GPU, where each extra read would stall the CPU until the step's kernels finish."""
+    options = {"accelerator": "cuda", "precision": precision}
+    assert scalar_reads([make()], **options) <= scalar_reads([], **options)

@@ -54,13 +54,13 @@ class OfflineReference(Callback):
     def _features(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         store: dict[str, torch.Tensor] = {}
         handles = [
-            layer.module.register_forward_hook(lambda m, a, out, n=layer.name: store.__setitem__(n, reduced(out)))
+            layer.module.register_forward_hook(lambda m, a, out, n=layer.name: store.__setitem__(n, reduced(out).float().cpu()))
             for layer in self.monitor.resolved_layers
             if not layer.is_input
         ]
         try:
             with torch.no_grad():
-                model(x)
+                model(x.to(model.device))
         finally:
             for handle in handles:
                 handle.remove()
@@ -125,8 +125,9 @@ class FitIterations(Callback):
         self.on_fit(list(self.monitor.fit_iterations.values()))
 
 
-def fit_with_reference(model_fn, epochs: int = EPOCHS, on_fit=None, **options):  # type: ignore[no-untyped-def]
-    """Fit ``model_fn()`` on digits with a LinearProbeMonitor (``options``) and the offline reference."""
+def fit_with_reference(model_fn, epochs: int = EPOCHS, on_fit=None, trainer_options=None, **options):  # type: ignore[no-untyped-def]
+    """Fit ``model_fn()`` on digits with a LinearProbeMonitor (``options``) and the offline reference
+    (``trainer_options``: e.g. the benchmark's accelerator and precision; a CPU Trainer when ``None``)."""
     L.seed_everything(0, verbose=False)
     dm = DigitsDataModule()
     monitor = LinearProbeMonitor(**options)
@@ -134,7 +135,9 @@ def fit_with_reference(model_fn, epochs: int = EPOCHS, on_fit=None, **options): 
     extra = [FitIterations(monitor, on_fit)] if on_fit is not None else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quiet_trainer([monitor, reference, *extra], max_epochs=epochs).fit(model_fn(), datamodule=dm)
+        quiet_trainer([monitor, reference, *extra], max_epochs=epochs, **(trainer_options or {})).fit(
+            model_fn(), datamodule=dm
+        )
     return monitor, reference
 
 
