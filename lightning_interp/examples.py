@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_interp._validation import check_positive_int
@@ -111,9 +111,13 @@ def sample_batches(
                 chosen = order[:max_examples].sort().values
             chosen = chosen[rank::world_size]
             collate = (loader.collate_fn if isinstance(loader, DataLoader) else None) or default_collate
+            whole_tensors = type(dataset) is TensorDataset and collate is default_collate
             for start in range(0, len(chosen), batch_size):
                 ids = chosen[start : start + batch_size]
-                yield collate([dataset[int(i)] for i in ids]), ids
+                if whole_tensors:  # what collating dataset[i] for each i gives, indexed in one go
+                    yield [t[ids] for t in dataset.tensors], ids
+                else:
+                    yield collate([dataset[int(i)] for i in ids]), ids
             return
         seen = 0
         for batch in loader:

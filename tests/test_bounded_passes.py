@@ -123,3 +123,26 @@ def test_representer_answers_at_the_default_cap_agree_with_the_full_refit() -> N
     on_sample = float(flipped[ids][suspect_labels(features[ids], labels[ids], k=20).indices].double().mean())
     on_all = float(flipped[suspect_labels(features, labels, k=20).indices].double().mean())
     assert on_sample >= on_all - 0.15 and on_sample >= 0.7
+
+
+def test_tensor_dataset_sample_is_what_collating_its_items_gives() -> None:
+    """The one-indexing path for a TensorDataset yields exactly the batches the per-item path collates."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    tensors = (torch.randn(1000, 3, 4, 4, generator=g), torch.randint(10, (1000,), generator=g))
+
+    class Items(Dataset):  # the same data, read item by item
+        def __len__(self) -> int:
+            return 1000
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return tensors[0][i], tensors[1][i]
+
+    for cap, rank, world in ((None, 0, 1), (300, 0, 1), (300, 1, 2)):
+        fast = list(sample_batches(TensorDataset(*tensors), cap, seed=3, batch_size=64, rank=rank, world_size=world))
+        slow = list(sample_batches(Items(), cap, seed=3, batch_size=64, rank=rank, world_size=world))
+        assert len(fast) == len(slow)
+        for (batch_a, ids_a), (batch_b, ids_b) in zip(fast, slow):
+            assert torch.equal(ids_a, ids_b)
+            assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(batch_a, batch_b))
