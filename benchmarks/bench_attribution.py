@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import common  # noqa: E402
-from common import device_arguments, add_device_arguments, clock, machine, table, use_device  # noqa: E402
+from common import clock, device_arguments, machine, parse_with_device, table  # noqa: E402
 
 from lightning_interp.attribution import (  # noqa: E402
     guided_backprop,
@@ -470,9 +470,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per library (--isolated)")
     parser.add_argument("--calls", type=int, default=2, help="calls per ResNet process (--isolated)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     q = args.quick
     width = args.width or (16 if q else 64)
     batch = args.batch or (8 if q else 32)

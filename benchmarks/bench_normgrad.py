@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from common import add_device_arguments, clock, compare, machine, table, trainer_options, use_device  # noqa: E402
+from common import clock, compare, machine, parse_with_device, table, trainer_options  # noqa: E402
 from lightning import Callback  # noqa: E402
 
 from lightning_interp.callbacks import GradFlowMonitor, NormStatsMonitor  # noqa: E402
@@ -292,9 +292,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--account", action="store_true", help="time inside the monitors per step (precise)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     width = 16 if args.quick else 64
     if args.account:
         account(width, args.steps or (3 if args.quick else 5))

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import add_device_arguments, machine, table, trainer_options, use_device  # noqa: E402
+from common import machine, parse_with_device, table, trainer_options  # noqa: E402
 
 from tests.test_probe_truth import MODELS, fit_with_reference  # noqa: E402
 
@@ -29,9 +29,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--tol", type=float, default=None, help="the monitor's `tol` (default: its own, 1e-4)")
     parser.add_argument("--fit", choices=("frozen", "online"), default="frozen")
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     epochs = args.epochs or (6 if args.quick else 10)
     options = {"fit": args.fit, **({} if args.tol is None else {"tol": args.tol})}
     rows = []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_arguments, add_device_arguments, clock, compare, machine, run_steps, table, trainer_options, use_device  # noqa: E402
+from common import clock, compare, device_arguments, machine, parse_with_device, run_steps, table, trainer_options  # noqa: E402
 
 import lightning as L  # noqa: E402
 
@@ -126,9 +126,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", nargs=2)
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     if args.child:
         child(*args.child, args.quick)
         return

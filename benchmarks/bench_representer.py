@@ -32,7 +32,7 @@ os.environ.setdefault("BENCH_THREADS", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_device_arguments, clock, machine, table, trainer_options, use_device
+from common import clock, machine, parse_with_device, table, trainer_options
 
 from lightning_interp.attribution import fit_representer
 
@@ -290,9 +290,7 @@ def main() -> None:
     parser.add_argument(
         "--topk-memory", action="store_true", help="peak extra memory of top_k, 50,000 train x 10,000 test"
     )
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     budget = args.budget if args.budget is not None else (20.0 if args.quick else 60.0)
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     cases = args.cases.split(",") if args.cases else (CASES[:3] if args.quick else CASES)

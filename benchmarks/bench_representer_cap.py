@@ -20,6 +20,8 @@ sample seeds each, drawn as the monitor draws them: :func:`sample_batches`). Per
 
     python benchmarks/bench_representer_cap.py              # n = 32,768
     python benchmarks/bench_representer_cap.py --quick      # n = 8,192
+
+It runs on the CPU whatever `--device` says, as the monitor's refit does (the features are moved there once).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_device_arguments, clock, machine, table, use_device  # noqa: E402
+from common import clock, machine, parse_with_device, table  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -91,9 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     n = args.n or (8192 if args.quick else 32768)
     x, labels, flipped, xv, _ = problem(n)
     f, fv, weight, bias = trained_features(x, labels, xv)

@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import add_device_arguments, clock, machine, table, trainer_options, use_device  # noqa: E402
+from common import clock, machine, parse_with_device, table, trainer_options  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -213,9 +213,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits", "resnet", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     rounds = args.rounds or (1 if args.quick else 3)
     print(f"Machine: {machine()}; callbacks: {', '.join(type(c).__name__ for c in suite())}")
     for name, setup in setups(args.quick).items():

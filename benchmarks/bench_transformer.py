@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_device_arguments, clock, machine, table, trainer_options, use_device  # noqa: E402
+from common import clock, machine, parse_with_device, table, trainer_options  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -190,9 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps per fit (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-periodic", action="store_true", help="step times only")
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     shape = dict(vocab=30522, hidden=768, heads=12, blocks=args.blocks, length=128, batch=16)
     if args.quick:
         shape.update(hidden=256, heads=4, blocks=2, length=64)

@@ -34,6 +34,14 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed (default 32-true)")
 
 
+def parse_with_device(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line with ``--device``/``--precision`` added, and take them for this run."""
+    add_device_arguments(parser)
+    args = parser.parse_args()
+    use_device(args)
+    return args
+
+
 def use_device(args: argparse.Namespace) -> None:
     """Take ``--device``/``--precision`` for every Trainer and timer of this run; fail early without CUDA."""
     global DEVICE, PRECISION

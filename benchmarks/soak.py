@@ -18,7 +18,7 @@ from lightning import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_arguments, machine, table, trainer_options, use_device  # noqa: E402
+from common import machine, parse_with_device, table, trainer_options  # noqa: E402
 
 from lightning_interp.cli import demo_callbacks  # noqa: E402
 from lightning_interp.data import DigitsDataModule  # noqa: E402
@@ -57,9 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--baseline", action="store_true", help="no lightning-interp callback (for comparison)")
-    add_device_arguments(parser)
-    args = parser.parse_args()
-    use_device(args)
+    args = parse_with_device(parser)
     with tempfile.TemporaryDirectory() as tmp:
         recorder = Recorder(Path(tmp))
         L.seed_everything(0, verbose=False)
