@@ -58,8 +58,9 @@ def test_every_callback_at_defaults_runs_on_cuda(precision: str) -> None:
 
 
 def test_probe_readings_on_cuda_match_the_cpu() -> None:
-    """fp32 on both: the frozen fit is the same convex problem, so the readings agree up to a few examples."""
-    cpu, _ = fit_suite("cpu", "32-true")
-    gpu, _ = fit_suite("cuda", "32-true")
+    """fp32 on both, one epoch (the two trainings differ only by kernels' rounding): the frozen fit is the same
+    convex problem, so the readings agree up to a few of the 360 validation digits."""
+    cpu, _ = fit_suite("cpu", "32-true", epochs=1)
+    gpu, _ = fit_suite("cuda", "32-true", epochs=1)
     for layer, values in cpu[0].history["val"].items():
         assert abs(values[-1] - gpu[0].history["val"][layer][-1]) <= 0.02, layer
