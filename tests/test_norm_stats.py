@@ -367,3 +367,17 @@ def test_batchnorm_moments_are_computed_once_with_both_monitors(monkeypatch):
     # per logged step: one computation per BatchNorm input and per hidden output, none for BatchNorm outputs
     assert len(monitor.norm_layers) == 4 and len(monitor.hidden_layers) > 0
     assert norm_alone == 2 * (len(monitor.norm_layers) + len(monitor.hidden_layers))
+
+
+def test_batchnorm_statistics_of_inference_mode_tensors():
+    """Tensors made under torch.inference_mode() keep no version counter: their moments are computed each time,
+    and equal the same computation outside it."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).train()
+    x = torch.randn(4, 3, 5, 5)
+    expected = effective_gain(bn, x.clone())
+    with torch.inference_mode():
+        inside = x.clone()
+        assert float(effective_gain(bn, inside)) == pytest.approx(float(expected), rel=1e-6)
+        stats = norm_layer_stats(bn, inside, bn(inside))
+    assert float(stats["out_std"]) == pytest.approx(float(bn(x).std(unbiased=False)), rel=1e-5)

@@ -89,6 +89,8 @@ def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     as fast as ``torch.var_mean`` on CPU, and as accurate). The last few results are remembered for the very tensor
     they were computed from (same object, same version: not modified in place since), so two callers on one
     forward — NormStatsMonitor's statistics and GradFlowMonitor's gains of the same BatchNorm — pay once."""
+    if x.is_inference():  # no version counter to tell an in-place change by: computed, not remembered
+        return _compute_channel_moments(x.detach().float())
     key = id(x)
     remembered = _MOMENTS.get(key)
     if remembered is not None and remembered[0]() is x and remembered[1] == x._version:
