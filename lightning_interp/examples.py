@@ -26,6 +26,7 @@ __all__ = [
     "first_loader",
     "training_loader",
     "sample_batches",
+    "is_map_style",
     "preserved_rng",
 ]
 
@@ -103,7 +104,7 @@ def sample_batches(
     """
     dataset = loader.dataset if isinstance(loader, DataLoader) else loader
     with preserved_rng():
-        if _is_map_style(dataset):
+        if is_map_style(dataset):
             n = len(dataset)
             chosen = torch.arange(n)
             if max_examples is not None and max_examples < n:
@@ -164,7 +165,15 @@ def example_source(trainer: Any, fall_back_to_training: bool = True) -> tuple[An
     return None, "none"
 
 
-def _is_map_style(dataset: Any) -> bool:
+def is_map_style(dataset: Any) -> bool:
+    """Whether ``dataset`` can be indexed directly (``__getitem__`` and ``__len__``, not an ``IterableDataset``):
+    then our passes read it in index order, without its loader's sampler.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> is_map_style(TensorDataset(torch.zeros(3))), is_map_style(iter([1, 2]))
+        (True, False)
+    """
     return (
         not isinstance(dataset, IterableDataset) and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
     )
@@ -174,7 +183,7 @@ def _pool(source: Dataset | DataLoader | Iterable[Any], size: int, batch_adapter
     """The first ``size`` examples in the data's own order."""
     dataset = source.dataset if isinstance(source, DataLoader) else source
     with preserved_rng():
-        if _is_map_style(dataset):
+        if is_map_style(dataset):
             # index the dataset directly: no sampler (whose shuffling would draw from the global RNG), no workers
             collate = (source.collate_fn if isinstance(source, DataLoader) else None) or default_collate
             count = min(size, len(dataset))  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule, Trainer
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 from typing_extensions import override
 
@@ -25,6 +25,7 @@ from lightning_interp.callbacks._base import PeriodicDumpCallback
 from lightning_interp.errors import LightningInterpError
 from lightning_interp.examples import (
     example_source,
+    is_map_style,
     preserved_rng,
     sample_batches,
     select_example_batch,
@@ -146,7 +147,6 @@ class RepresenterMonitor(PeriodicDumpCallback):
         self.batch_adapter = batch_adapter
         self.seed = seed
         self.head: nn.Linear | None = None
-        #: why the monitor stopped for this fit (no final linear layer, head input not per example), else None
         self.last: dict[str, Any] = {}
         self.dumps = 0
         self._head_name = ""
@@ -273,7 +273,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
         if loader is None:
             raise LightningInterpError("the Trainer has no training data")
         dataset = loader.dataset if isinstance(loader, DataLoader) else loader
-        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        if not is_map_style(dataset):
             self.problems.report("iterable_train", "the training data is not a map-style dataset; its loader's own "
                                  "order is used (a shuffling loader makes indices differ between dumps)")  # fmt: skip
         device = pl_module.device
@@ -419,12 +419,7 @@ class RepresenterMonitor(PeriodicDumpCallback):
         when the training data cannot be indexed."""
         loader = training_loader(trainer)
         dataset = loader.dataset if isinstance(loader, DataLoader) else loader
-        if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-            return None
-        try:
-            if not 0 <= dataset_index < len(dataset):
-                return None
-        except TypeError:
+        if not is_map_style(dataset) or not 0 <= dataset_index < len(dataset):
             return None
         collate = (loader.collate_fn if isinstance(loader, DataLoader) else None) or default_collate
         return unpack_batch(collate([dataset[dataset_index]]), self.batch_adapter, require_targets=False)
