@@ -206,11 +206,10 @@ class LinearProbeMonitor(InterpCallback):
         self._capture = None
         self.resolved_layers = select_layers(pl_module, self.layers)
         if self.num_classes is None:
-            own_labels = [n for n, v in (("target_key", self.target_key), ("targets_fn", self.targets_fn),
-                                         ("probe_dataloader", self.probe_dataloader)) if v is not None]  # fmt: skip
-            if own_labels:
+            own_labels = self._first_given("target_key", "targets_fn", "probe_dataloader")
+            if own_labels is not None:
                 raise LightningInterpError(
-                    f"LinearProbeMonitor cannot infer `num_classes` when the labels come from `{own_labels[0]}` (the "
+                    f"LinearProbeMonitor cannot infer `num_classes` when the labels come from `{own_labels}` (the "
                     "model's last layer is not a classifier over them). Pass `num_classes=` to LinearProbeMonitor."
                 )
             head = last_linear(pl_module)
@@ -298,15 +297,14 @@ class LinearProbeMonitor(InterpCallback):
         """What makes the first training batch unusable for probes, checked once on the host (later batches are
         masked on the device instead). With labels configured explicitly (``batch_adapter``, ``target_key``,
         ``targets_fn``) a problem raises; at the defaults it is returned, and the monitor goes idle."""
-        explicit = next((n for n, v in (("batch_adapter", self.batch_adapter), ("target_key", self.target_key),
-                                        ("targets_fn", self.targets_fn)) if v is not None), None)  # fmt: skip
+        explicit = self._first_given("batch_adapter", "target_key", "targets_fn")
         problem = None
         try:
             targets = self._unpack(batch, self._labels_in_training_batches()).targets
         except LightningInterpError as err:
             problem, targets = str(err), None
         if targets is None:
-            pass
+            pass  # unlabelled batches (a probe_dataloader gives the labels), or the problem above
         elif targets.is_floating_point() or targets.is_complex() or targets.dim() != 1:
             problem = (
                 f"LinearProbeMonitor needs 1-D integer class indices as targets, but got dtype {targets.dtype} "
@@ -321,6 +319,10 @@ class LinearProbeMonitor(InterpCallback):
         if problem is not None and explicit is not None:
             raise LightningInterpError(f"{problem} (with `{explicit}` given)")
         return problem
+
+    def _first_given(self, *arguments: str) -> str | None:
+        """The first of these arguments the user set (not ``None``), or ``None``."""
+        return next((name for name in arguments if getattr(self, name) is not None), None)
 
     @staticmethod
     def _agreed(flag: bool, pl_module: LightningModule) -> bool:
