@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from common import clock, compare, machine, parse_with_device, table, trainer_options  # noqa: E402
+from common import clock, compare, machine, parse_with_device, table, time_registered_hooks, trainer_options  # noqa: E402
 from lightning import Callback  # noqa: E402
 
 from lightning_interp.callbacks import GradFlowMonitor, NormStatsMonitor  # noqa: E402
@@ -120,19 +120,7 @@ def instrument(monitor: Callback, clock: MonitorClock) -> None:
     for name in STEP_HOOKS:
         if getattr(type(monitor), name) is not getattr(Callback, name):
             setattr(monitor, name, clock.wrap(getattr(monitor, name), owner, name))
-    manager = monitor.hooks  # type: ignore[attr-defined]
-    forward, forward_pre, tensor = manager.forward, manager.forward_pre, manager.tensor
-
-    def timed_forward(module: torch.nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> Any:
-        return forward(module, clock.wrap(hook, owner, "forward hooks"), with_kwargs)
-
-    def timed_forward_pre(module: torch.nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> Any:
-        return forward_pre(module, clock.wrap(hook, owner, "forward pre-hooks"), with_kwargs)
-
-    def timed_tensor(t: torch.Tensor, hook: Callable[[torch.Tensor], Any]) -> None:
-        tensor(t, clock.wrap(hook, owner, "gradient hooks"))
-
-    manager.forward, manager.forward_pre, manager.tensor = timed_forward, timed_forward_pre, timed_tensor
+    time_registered_hooks(monitor.hooks, lambda hook, part: clock.wrap(hook, owner, part))  # type: ignore[attr-defined]
 
 
 class StepLedger(Callback):

@@ -37,10 +37,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import clock, machine, parse_with_device, table, trainer_options  # noqa: E402
+from common import clock, machine, parse_with_device, table, time_registered_hooks, trainer_options  # noqa: E402
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 from lightning import Callback  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
@@ -107,19 +106,7 @@ class SuiteClock:
         for name in dir(Callback):
             if (name.startswith("on_") or name in ("setup", "teardown")) and getattr(type(callback), name) is not getattr(Callback, name):
                 setattr(callback, name, self.wrap(getattr(callback, name), owner, name, lightning_hook=True))
-        manager = callback.hooks  # type: ignore[attr-defined]
-        forward, forward_pre, tensor = manager.forward, manager.forward_pre, manager.tensor
-
-        def timed_forward(module: torch.nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> Any:
-            return forward(module, self.wrap(hook, owner, "forward hooks", False), with_kwargs)
-
-        def timed_forward_pre(module: torch.nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> Any:
-            return forward_pre(module, self.wrap(hook, owner, "forward pre-hooks", False), with_kwargs)
-
-        def timed_tensor(t: torch.Tensor, hook: Callable[[torch.Tensor], Any]) -> None:
-            tensor(t, self.wrap(hook, owner, "gradient hooks", False))
-
-        manager.forward, manager.forward_pre, manager.tensor = timed_forward, timed_forward_pre, timed_tensor
+        time_registered_hooks(callback.hooks, lambda hook, part: self.wrap(hook, owner, part, lightning_hook=False))  # type: ignore[attr-defined]
 
 
 class PhaseTracker(Callback):

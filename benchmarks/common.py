@@ -124,6 +124,23 @@ def compare(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def time_registered_hooks(manager: Any, timed: Callable[[Callable[..., Any], str], Callable[..., Any]]) -> None:
+    """From now on, every hook registered through ``manager`` (a callback's ``HookManager``) runs as
+    ``timed(hook, part)``, ``part`` one of ``"forward hooks"``, ``"forward pre-hooks"``, ``"gradient hooks"``."""
+    forward, forward_pre, tensor = manager.forward, manager.forward_pre, manager.tensor
+
+    def timed_forward(module: torch.nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> Any:
+        return forward(module, timed(hook, "forward hooks"), with_kwargs)
+
+    def timed_forward_pre(module: torch.nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> Any:
+        return forward_pre(module, timed(hook, "forward pre-hooks"), with_kwargs)
+
+    def timed_tensor(t: torch.Tensor, hook: Callable[[torch.Tensor], Any]) -> None:
+        tensor(t, timed(hook, "gradient hooks"))
+
+    manager.forward, manager.forward_pre, manager.tensor = timed_forward, timed_forward_pre, timed_tensor
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
